@@ -1,0 +1,3 @@
+from pfgen.cli import main
+
+main()

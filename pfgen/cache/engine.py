@@ -1,0 +1,110 @@
+"""The KV cache the attention processors talk to: rules + per-layer stores + the current chunk's plan.
+
+One chunk = `begin_chunk` (plan once), then passes (`attend` per layer), the last of which commits, then the
+next chunk. Heads of each layer are grouped by type so that every type is served by batched calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pfgen.attention import get_backend
+from pfgen.attention.plan import ChunkPlan, build_plan
+from pfgen.cache.policy import make_rule
+from pfgen.cache.store import RuleStore
+from pfgen.rope import apply_rope
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What the store must know about the model and the video."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    grid: tuple[int, int]  # latent tokens per frame, (h, w) after patching
+    batch: int = 1
+    max_frames: int = 0  # only the `full` policy needs it
+    theta: float = 10000.0
+
+
+class KVCache:
+    """Head-aware KV cache. `head_types[layer][head]` names each head's rule (anchor/wave/veil/rolling/full)."""
+
+    def __init__(self, cache_cfg, head_types, geometry: CacheGeometry, frames_per_chunk: int, dtype, device):
+        self.geometry = geometry
+        self.frames_per_chunk = frames_per_chunk
+        self.backend = get_backend(cache_cfg.backend)
+        kinds = sorted({kind for row in head_types for kind in row})
+        self.rules = {k: make_rule(k, cache_cfg, frames_per_chunk, geometry.max_frames) for k in kinds}
+        self.head_types = [list(row) for row in head_types]
+        self.layer_heads = [self._head_groups(row, device) for row in head_types]
+        self.stores = [
+            {kind: RuleStore(self.rules[kind].layout, geometry.batch, _count(heads, geometry.heads),
+                             geometry.grid, geometry.head_dim, dtype, device)
+             for kind, heads in groups.items()}
+            for groups in self.layer_heads
+        ]
+        self.plan: ChunkPlan | None = None
+        self.committing = False
+        self.observer = None  # optional callable(layer, q_abs, plan) for profiling
+
+    @staticmethod
+    def _head_groups(row, device) -> dict:
+        """Head indices per kind: a slice when contiguous (a free view), else an index tensor."""
+        groups = {}
+        for kind in sorted(set(row)):
+            idx = [h for h, k in enumerate(row) if k == kind]
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))
+            groups[kind] = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
+        return groups
+
+    def reset(self) -> None:
+        """Forget the video: a new prompt starts from an empty cache (storage is reused)."""
+        for rule in self.rules.values():
+            rule.reset()
+        for layer in self.stores:
+            for store in layer.values():
+                store.reset()
+        self.plan = None
+
+    def begin_chunk(self, t0: int, frames: int) -> ChunkPlan:
+        g = self.geometry
+        offsets = {kind: self.stores[0][kind].abs_offsets for kind in self.rules}
+        device = next(iter(self.stores[0].values())).k_abs.device
+        self.plan = build_plan(self.rules, t0, frames, g.grid, g.head_dim, g.theta, offsets, device)
+        return self.plan
+
+    def set_pass(self, commit: bool) -> None:
+        """Noisy passes (commit=False) only overwrite the chunk's tentative slots; the clean pass commits."""
+        self.committing = commit
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
+        """Self-attention of the chunk's tokens over the cache.
+
+        q, k, v: (B, F*N, heads, D) before RoPE; rope: (cos, sin) of the chunk's own positions, (F*N, 1, D/2).
+        """
+        plan = self.plan
+        q_abs = apply_rope(q, *rope)
+        k_abs = apply_rope(k, *rope)
+        if self.observer is not None:
+            self.observer(layer, q_abs, k_abs, plan)
+        out = torch.empty_like(q)
+        for kind, heads in self.layer_heads[layer].items():
+            store = self.stores[layer][kind]
+            rp = plan.rules[kind]
+            store.write_current(k_abs[:, :, heads], v[:, :, heads], rp.write_slots)
+            out[:, :, heads] = self.backend(rp, store, q[:, :, heads], q_abs[:, :, heads], plan, self.geometry.theta)
+            if self.committing:
+                store.commit(rp.ops, k[:, :, heads], v[:, :, heads], plan.t0, plan.tables)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (all layers, all types)."""
+        return sum(store.nbytes() for layer in self.stores for store in layer.values())
+
+
+def _count(heads, total: int) -> int:
+    return len(range(total)[heads]) if isinstance(heads, slice) else int(heads.numel())

@@ -1,0 +1,119 @@
+"""Per-(layer, head type) K/V memory and the commit operations that `cache.policy` emits.
+
+Layout, for n heads of one type: region abs (B, tokens, n, D) and region hist (partitions, B, tokens, n, D),
+slot after slot (token-major like the model's (B, L, heads, D), so attention reads them as free views); merged blocks keep fp32 accumulators. Keys are stored rotated: abs at their own (t, y, x),
+hist at (0, y, x) so that any temporal position can be given at read time without touching the store.
+All indexing uses Python ints from the plan: no host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pfgen.cache.policy import Accumulate, Finalize, Layout, Shift, WriteHist, merged_tokens
+from pfgen.rope import apply_rope
+
+
+class RuleStore:
+    """K/V of the heads of one type in one layer, sized by the type's layout and never by video length."""
+
+    def __init__(self, layout: Layout, batch: int, heads: int, grid: tuple[int, int], head_dim: int,
+                 dtype: torch.dtype, device):
+        self.layout = layout
+        self.grid = grid
+        self.frame_tokens = grid[0] * grid[1]
+        self.block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
+        sizes = [self.frame_tokens if kind == "frame" else self.block_tokens for kind in layout.abs_slots]
+        self.abs_offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        shape = (batch, self.abs_offsets[-1], heads, head_dim)
+        self.k_abs = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_abs = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_hist = self.v_hist = None
+        if layout.hist_slots:
+            hist = (layout.hist_partitions, batch, layout.hist_slots * self.frame_tokens, heads, head_dim)
+            self.k_hist = torch.zeros(hist, dtype=dtype, device=device)
+            self.v_hist = torch.zeros(hist, dtype=dtype, device=device)
+        self.acc_k = self.acc_v = None
+        if layout.merge_block:
+            acc = (batch, self.block_tokens, heads, head_dim)
+            self.acc_k = torch.zeros(acc, dtype=torch.float32, device=device)
+            self.acc_v = torch.zeros(acc, dtype=torch.float32, device=device)
+            self.patch_counts = self._patch_counts(device)
+
+    def nbytes(self) -> int:
+        tensors = (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def reset(self) -> None:
+        for t in (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v):
+            if t is not None:
+                t.zero_()
+
+    def abs_range(self, slot: int) -> tuple[int, int]:
+        return self.abs_offsets[slot], self.abs_offsets[slot + 1]
+
+    def write_current(self, k_rot: torch.Tensor, v: torch.Tensor, slots: tuple[int, ...]) -> None:
+        """Write the chunk's frames (k rotated at own positions), (B, F*N, n, D), into their abs slots."""
+        n = self.frame_tokens
+        for f, slot in enumerate(slots):
+            a, b = self.abs_range(slot)
+            self.k_abs[:, a:b] = k_rot[:, f * n:(f + 1) * n]
+            self.v_abs[:, a:b] = v[:, f * n:(f + 1) * n]
+
+    def commit(self, ops, k_raw: torch.Tensor, v: torch.Tensor, t0: int, tables: dict) -> None:
+        """Apply a chunk's commit ops. k_raw/v: (B, F*N, n, D), keys not yet rotated.
+
+        tables["hist"]: (cos, sin) at temporal 0 for one frame; tables[("block", m)]: a merged block's.
+        """
+        n = self.frame_tokens
+        for op in ops:
+            if isinstance(op, WriteHist):
+                f = op.frame - t0
+                k = apply_rope(k_raw[:, f * n:(f + 1) * n], *tables["hist"])
+                a, b = op.slot * n, (op.slot + 1) * n
+                for p in op.partitions:
+                    self.k_hist[p, :, a:b] = k
+                    self.v_hist[p, :, a:b] = v[:, f * n:(f + 1) * n]
+            elif isinstance(op, Shift):
+                self._shift(op)
+            elif isinstance(op, Accumulate):
+                f = op.frame - t0
+                self.acc_k += self._pool(k_raw[:, f * n:(f + 1) * n])
+                self.acc_v += self._pool(v[:, f * n:(f + 1) * n])
+            elif isinstance(op, Finalize):
+                self._finalize(op, tables[("block", op.block)])
+
+    def _shift(self, op: Shift) -> None:
+        if op.region == "hist":
+            n = self.frame_tokens
+            a, b = op.start * n, op.stop * n
+            for t in (self.k_hist, self.v_hist):
+                t[op.partition, :, a:b - n] = t[op.partition, :, a + n:b].clone()
+        else:
+            a, b = self.abs_offsets[op.start], self.abs_offsets[op.stop]
+            size = self.abs_offsets[op.start + 1] - a
+            for t in (self.k_abs, self.v_abs):
+                t[:, a:b - size] = t[:, a + size:b].clone()
+
+    def _patch_counts(self, device) -> torch.Tensor:
+        ones = torch.ones(1, self.frame_tokens, 1, 1, device=device)
+        return self._pool(ones)[0]  # (Nb, 1, 1): real tokens per patch (edges may be partial)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over patch x patch spatial tiles: (B, h*w, n, D) -> (B, Nb, n, D) in float32."""
+        h, w = self.grid
+        p = self.layout.merge_patch
+        b, _, heads, d = x.shape
+        grid = x.float().reshape(b, h, w, heads, d)
+        grid = torch.nn.functional.pad(grid, (0, 0, 0, 0, 0, (-w) % p, 0, (-h) % p))
+        hp, wp = grid.shape[1] // p, grid.shape[2] // p
+        return grid.reshape(b, hp, p, wp, p, heads, d).sum(dim=(2, 4)).reshape(b, hp * wp, heads, d)
+
+    def _finalize(self, op: Finalize, table) -> None:
+        denom = self.patch_counts * self.layout.merge_block
+        k = apply_rope(self.acc_k / denom, *table)
+        a, b = self.abs_range(op.slot)
+        self.k_abs[:, a:b] = k.to(self.k_abs.dtype)
+        self.v_abs[:, a:b] = (self.acc_v / denom).to(self.v_abs.dtype)
+        self.acc_k.zero_()
+        self.acc_v.zero_()

@@ -1,0 +1,115 @@
+"""Head types and the head-type JSON file (the one format pfgen reads and writes).
+
+    {"format": "pfgen.head-types/1",
+     "model": {"name": "self-forcing-1.3b", "layers": 30, "heads": 12},
+     "types": [["wave", "anchor", ...], ...],
+     "calibration": {...optional...}}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pfgen.errors import PfgenError
+
+FORMAT = "pfgen.head-types/1"
+HEAD_TYPES = ("anchor", "wave", "veil")
+CSV_LABELS = {-1: "wave", 1: "anchor", 2: "veil"}  # the published label file's encoding
+
+
+@dataclass(frozen=True)
+class HeadTypes:
+    model: str
+    types: tuple[tuple[str, ...], ...]
+    calibration: dict | None = field(default=None, compare=False)
+
+    @property
+    def layers(self) -> int:
+        return len(self.types)
+
+    @property
+    def heads(self) -> int:
+        return len(self.types[0])
+
+    def counts(self) -> dict[str, int]:
+        flat = [t for row in self.types for t in row]
+        return {kind: flat.count(kind) for kind in HEAD_TYPES}
+
+    @classmethod
+    def uniform(cls, kind: str, layers: int, heads: int, model: str = "any") -> "HeadTypes":
+        if kind not in HEAD_TYPES:
+            raise PfgenError(f"unknown head type '{kind}'", f"choose from {', '.join(HEAD_TYPES)}")
+        return cls(model, tuple((kind,) * heads for _ in range(layers)))
+
+    @classmethod
+    def from_rows(cls, rows, model: str, calibration: dict | None = None, where: str = "head types") -> "HeadTypes":
+        if not rows or not all(isinstance(r, (list, tuple)) and r for r in rows):
+            raise PfgenError(f"{where}: 'types' must be a non-empty list of non-empty rows")
+        if len({len(r) for r in rows}) != 1:
+            raise PfgenError(f"{where}: every layer must list the same number of heads")
+        for i, row in enumerate(rows):
+            for j, kind in enumerate(row):
+                if kind not in HEAD_TYPES:
+                    raise PfgenError(f"{where}: layer {i} head {j} has unknown type {kind!r}",
+                                     f"use one of {', '.join(HEAD_TYPES)}")
+        return cls(model, tuple(tuple(r) for r in rows), calibration)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadTypes":
+        path = Path(path)
+        if not path.is_file():
+            raise PfgenError(f"head-type file not found: {path}", "run `pfgen profile-heads` to make one")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PfgenError(f"{path}: not valid JSON (line {exc.lineno})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise PfgenError(f"{path}: not a head-type file", f"expected \"format\": \"{FORMAT}\"")
+        model = data.get("model") or {}
+        heads = cls.from_rows(data.get("types"), str(model.get("name", "unknown")), data.get("calibration"), str(path))
+        if (model.get("layers"), model.get("heads")) != (heads.layers, heads.heads):
+            raise PfgenError(f"{path}: 'model' says {model.get('layers')}x{model.get('heads')} "
+                             f"but 'types' is {heads.layers}x{heads.heads}")
+        return heads
+
+    @classmethod
+    def from_label_csv(cls, path: str | Path, model: str) -> "HeadTypes":
+        """Published labels: one row per layer, -1 wave / 1 anchor / 2 veil."""
+        with open(path, newline="") as f:
+            rows = [[CSV_LABELS[int(x)] for x in row] for row in csv.reader(f) if row]
+        return cls.from_rows(rows, model, where=str(path))
+
+    def to_json(self) -> dict:
+        data = {"format": FORMAT, "model": {"name": self.model, "layers": self.layers, "heads": self.heads},
+                "types": [list(r) for r in self.types]}
+        if self.calibration is not None:
+            data["calibration"] = self.calibration
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        rows = ",\n    ".join(json.dumps(list(r)) for r in self.types)
+        tmp.write_text(_render(self.to_json(), rows))
+        os.replace(tmp, path)
+        return path
+
+    def check_model(self, layers: int, heads: int, where: str = "head-type file") -> None:
+        if (self.layers, self.heads) != (layers, heads):
+            raise PfgenError(
+                f"{where} is for a {self.layers}x{self.heads} model ({self.model}), this model has "
+                f"{layers} layers x {heads} heads", "use a head file made for this model (pfgen profile-heads)")
+
+
+def _render(data: dict, rows: str) -> str:
+    """JSON with one line per layer (readable diffs), everything else indented."""
+    head = {k: v for k, v in data.items() if k != "types" and k != "calibration"}
+    text = json.dumps(head, indent=2)[:-2] + ',\n  "types": [\n    ' + rows + "\n  ]"
+    if "calibration" in data:
+        text += ',\n  "calibration": ' + json.dumps(data["calibration"], allow_nan=False)
+    return text + "\n}\n"

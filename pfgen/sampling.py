@@ -1,0 +1,116 @@
+"""The few-step chunk loop: per chunk, the denoising passes over the cache, then one clean pass that commits.
+
+Flow matching: the model predicts v; x0 = x_t - sigma * v (float64, as the reference does); the next step
+re-noises x0 with fresh noise at the next sigma. The last x0 is the chunk's output; the clean pass at
+`context_timestep` then writes the chunk's own K/V into the cache for the chunks after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    timesteps: tuple[float, ...]  # what the model is conditioned on
+    sigmas: tuple[float, ...]  # noise level of each step, timestep / 1000
+
+
+def warp_timestep(t: float, shift: float, table_size: int = 1000) -> float:
+    """Self Forcing's warp: step t of a 1000-step list maps into the shifted flow-matching table.
+
+    The table has sigma_i = shift * s / (1 + (shift - 1) * s) for s = linspace(1, 0, table_size + 1)[:-1]; the
+    list entry t picks row table_size - t (t = 1000 -> the first row); t = 0 stays 0.
+    """
+    if t <= 0:
+        return 0.0
+    s = (int(round(t))) / table_size
+    return 1000.0 * shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def make_schedule(timesteps, shift: float, warp: bool) -> Schedule:
+    values = tuple(warp_timestep(t, shift) if warp else float(t) for t in timesteps)
+    return Schedule(values, tuple(t / 1000.0 for t in values))
+
+
+class NoiseSource:
+    """Initial noise per chunk and fresh re-noise draws, from given latents or a seeded generator.
+
+    Noise is drawn chunk by chunk, so a 10-minute video never holds more than one chunk of it.
+    """
+
+    def __init__(self, latent_shape, device, dtype, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None):
+        self.shape = latent_shape  # (B, C, h, w): one frame without the frame axis
+        self.device, self.dtype = device, dtype
+        self.generator = generator
+        self.latents = latents
+
+    def _randn(self, frames: int) -> torch.Tensor:
+        b, c, h, w = self.shape
+        x = torch.randn((b, c, frames, h, w), generator=self.generator, device=self.generator.device
+                        if self.generator is not None else "cpu", dtype=torch.float32)
+        return x.to(self.device, self.dtype)
+
+    def initial(self, t0: int, frames: int) -> torch.Tensor:
+        if self.latents is not None:
+            return self.latents[:, :, t0:t0 + frames].to(self.device, self.dtype)
+        return self._randn(frames)
+
+    def renoise(self, frames: int) -> torch.Tensor:
+        return self._randn(frames)
+
+
+class ChunkLoop:
+    """Drives a causal transformer (processors installed) and its KV cache over a video."""
+
+    def __init__(self, transformer, state, sampling_cfg):
+        self.transformer = transformer
+        self.state = state
+        self.cfg = sampling_cfg
+        self.schedule = make_schedule(sampling_cfg.timesteps, sampling_cfg.shift, sampling_cfg.warp)
+        first = sampling_cfg.first_chunk_timesteps
+        self.first_schedule = make_schedule(first, sampling_cfg.shift, sampling_cfg.warp) if first else self.schedule
+        self.context_t = sampling_cfg.context_timestep
+
+    def _forward(self, x: torch.Tensor, t: float, embeds: torch.Tensor) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        return self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                                return_dict=False)[0]
+
+    def denoise(self, x: torch.Tensor, schedule: Schedule, embeds, noise: NoiseSource,
+                on_step: Callable | None = None) -> torch.Tensor:
+        """The noisy passes of one chunk: returns x0 of the last step."""
+        for i, (t, sigma) in enumerate(zip(schedule.timesteps, schedule.sigmas)):
+            v = self._forward(x, t, embeds)
+            x0 = (x.double() - sigma * v.double()).to(x.dtype)
+            if on_step is not None:
+                on_step(i, x0)
+            if i + 1 < len(schedule.sigmas):
+                nxt = schedule.sigmas[i + 1]
+                x = ((1.0 - nxt) * x0.double() + nxt * noise.renoise(x.shape[2]).double()).to(x.dtype)
+        return x0
+
+    @torch.no_grad()
+    def run(self, embeds: torch.Tensor, num_frames: int, noise: NoiseSource,
+            on_step: Callable | None = None) -> Iterator[torch.Tensor]:
+        """Yield the clean latents of each chunk, (B, C, F, h, w), as soon as they exist."""
+        cache, rope = self.state.cache, self.transformer.rope
+        per_chunk = self.cfg.frames_per_chunk
+        cache.reset()
+        self.state.new_prompt()
+        for k, t0 in enumerate(range(0, num_frames, per_chunk)):
+            frames = min(per_chunk, num_frames - t0)
+            cache.begin_chunk(t0, frames)
+            rope.frame_offset = t0
+            cache.set_pass(commit=False)
+            x = noise.initial(t0, frames)
+            step = (lambda i, x0, k=k: on_step(k, i, x0)) if on_step else None
+            x0 = self.denoise(x, self.first_schedule if k == 0 else self.schedule, embeds, noise, step)
+            if t0 + frames < num_frames:
+                cache.set_pass(commit=True)
+                self._forward(x0, self.context_t, embeds)
+            yield x0

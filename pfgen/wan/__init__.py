@@ -1,0 +1,1 @@
+"""Causal Wan on diffusers components: processors, checkpoints, the tiny embedded model, text encoding."""

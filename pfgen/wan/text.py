@@ -1,0 +1,27 @@
+"""Prompt -> umT5 embeddings: always 512 tokens, zero beyond the prompt (what the Wan students saw)."""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_TOKENS = 512
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer, encoder, device=None):
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.device = device if device is not None else next(encoder.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 512, d_model) embeddings on the encoder's device, in its dtype."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = ids.attention_mask.to(self.device)
+        out = self.encoder(input_ids=ids.input_ids.to(self.device), attention_mask=mask).last_hidden_state
+        return out * mask[..., None].to(out.dtype)
