@@ -125,10 +125,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path | None = None) -> Config:
-    """Load a YAML config strictly; None gives the embedded default (the tiny model)."""
-    if name_or_path is None:
-        return Config()
-    path = resolve_config_path(name_or_path)
+    """Load a YAML config strictly; None gives the embedded default (configs/tiny.yaml, the tiny model)."""
+    path = resolve_config_path(name_or_path if name_or_path is not None else CONFIG_DIR / "tiny.yaml")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

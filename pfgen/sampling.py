@@ -1,7 +1,7 @@
 """The few-step chunk loop: per chunk, the denoising passes over the cache, then one clean pass that commits.
 
 Flow matching: the model predicts v; x0 = x_t - sigma * v (float64, as the reference does); the next step
-re-noises x0 with fresh noise at the next sigma. The last x0 is the chunk's output; the clean pass at
+re-noises x0 with fresh noise at the next sigma (float32, as the reference does). The last x0 is the chunk's output; the clean pass at
 `context_timestep` then writes the chunk's own K/V into the cache for the chunks after it.
 """
 
@@ -19,21 +19,31 @@ class Schedule:
     sigmas: tuple[float, ...]  # noise level of each step, timestep / 1000
 
 
-def warp_timestep(t: float, shift: float, table_size: int = 1000) -> float:
-    """Self Forcing's warp: step t of a 1000-step list maps into the shifted flow-matching table.
+def flow_table(shift: float, size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shifted flow-matching table of the reference scheduler (float32, as it computes it).
 
-    The table has sigma_i = shift * s / (1 + (shift - 1) * s) for s = linspace(1, 0, table_size + 1)[:-1]; the
-    list entry t picks row table_size - t (t = 1000 -> the first row); t = 0 stays 0.
+    sigma = shift * s / (1 + (shift - 1) * s) for s = linspace(1, 0, size + 1)[:-1]; timestep = 1000 * sigma.
     """
-    if t <= 0:
-        return 0.0
-    s = (int(round(t))) / table_size
-    return 1000.0 * shift * s / (1.0 + (shift - 1.0) * s)
+    s = torch.linspace(1.0, 0.0, size + 1, dtype=torch.float32)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas * 1000, sigmas
 
 
 def make_schedule(timesteps, shift: float, warp: bool) -> Schedule:
-    values = tuple(warp_timestep(t, shift) if warp else float(t) for t in timesteps)
-    return Schedule(values, tuple(t / 1000.0 for t in values))
+    """Model timesteps and sigmas for a step list.
+
+    warp (Self Forcing's `warp_denoising_step`): entry t of a nominal 1000-step list picks row 1000 - t of the
+    table (1000 -> 1000, 750 -> 937.5, 500 -> 833.33, 250 -> 625). Sigmas are looked up by nearest timestep
+    in the table, as the reference does, never recomputed from the formula.
+    """
+    table_t, table_sigma = flow_table(shift)
+    if warp:
+        extended = torch.cat([table_t, torch.zeros(1)])
+        values = [float(extended[len(table_t) - int(round(t))]) for t in timesteps]
+    else:
+        values = [float(t) for t in timesteps]
+    sigmas = [float(table_sigma[(table_t - t).abs().argmin()]) for t in values]
+    return Schedule(tuple(values), tuple(sigmas))
 
 
 class NoiseSource:
@@ -91,7 +101,8 @@ class ChunkLoop:
                 on_step(i, x0)
             if i + 1 < len(schedule.sigmas):
                 nxt = schedule.sigmas[i + 1]
-                x = ((1.0 - nxt) * x0.double() + nxt * noise.renoise(x.shape[2]).double()).to(x.dtype)
+                eps = noise.renoise(x.shape[2])
+                x = ((1.0 - nxt) * x0.float() + nxt * eps.float()).to(x.dtype)
         return x0
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from pfgen.profile.classify import (
     layer_counts,
     periodicity,
 )
-from pfgen.profile.plot import TYPE_COLORS, grid_geometry, plot_head_types
+from pfgen.plots import TYPE_COLORS, grid_geometry, plot_head_types
 
 W, S, CHUNK = 21, 3, 3
 

@@ -9,11 +9,16 @@ import torch
 from pfgen.wan.text import PromptEncoder
 
 
+def fp32_pattern(model) -> re.Pattern | None:
+    """Parameter names diffusers keeps in float32 under any torch_dtype (`_keep_in_fp32_modules`)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return re.compile("|".join(rf"(^|\.){re.escape(k)}($|\.)" for k in keep)) if keep else None
+
+
 def place(model, device, dtype):
     """Move to device and cast like `from_pretrained(torch_dtype=...)`: modules diffusers keeps in float32
-    (`_keep_in_fp32_modules`: time embedder, modulation tables, norms) stay float32."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    pattern = re.compile("|".join(rf"(^|\.){re.escape(k)}($|\.)" for k in keep)) if keep else None
+    (time embedder, modulation tables, norms) stay float32."""
+    pattern = fp32_pattern(model)
     model.to(device)
     for name, param in model.named_parameters():
         if param.is_floating_point():

@@ -78,8 +78,26 @@ class CachedRoPE(FrameOffsetRoPE):
         return self._value
 
 
+class Float64Timesteps(torch.nn.Module):
+    """Sinusoidal timestep features computed in float64, as the original Wan code does.
+
+    diffusers computes them in float32; at t ~ 1000 that alone moves the model output by ~4e-5.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.channels // 2
+        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+        angles = timesteps.double()[:, None] * freqs[None, :]
+        return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
 def make_causal(transformer, state: CausalState | None = None) -> CausalState:
-    """Install the cached processors on every block and the offset RoPE; returns the shared state."""
+    """Install the cached processors on every block, the offset RoPE and float64 timestep features;
+    returns the shared state."""
     state = state or CausalState()
     for layer, block in enumerate(transformer.blocks):
         if block.attn2.add_k_proj is not None:
@@ -88,4 +106,5 @@ def make_causal(transformer, state: CausalState | None = None) -> CausalState:
         block.attn2.set_processor(CachedCrossAttention(state))
     cfg = transformer.config
     transformer.rope = CachedRoPE(cfg.attention_head_dim, cfg.patch_size)
+    transformer.condition_embedder.timesteps_proj = Float64Timesteps(cfg.freq_dim)
     return state

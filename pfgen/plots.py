@@ -1,7 +1,7 @@
-"""Pillow-only figure of the head classification: no plotting library needed at runtime.
+"""Pillow-only figures (no plotting library needed at runtime), written atomically.
 
-Left: the layers x heads grid coloured by head type, with a legend and counts.
-Right: the mean lag profile of each type (mean logit against history lag d).
+- `plot_head_types`: left the layers x heads grid coloured by head type, right the mean lag profile per type.
+- `plot_cache_pyramid`: heads x history frames, coloured by the cache segment each frame is read through.
 """
 
 from __future__ import annotations
@@ -153,6 +153,13 @@ def plot_head_types(types: Sequence[Sequence[str]], lag_profiles_by_type: Mappin
     _draw_grid(draw, types, n_heads)
     profiles = {k: _mean_profile(v) for k, v in lag_profiles_by_type.items()}
     _draw_profiles(draw, profiles, px, py)
+    save_png(image, path)
+    return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write to a temp file beside `path` and rename, so a reader never sees half a PNG."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -164,3 +171,36 @@ def plot_head_types(types: Sequence[Sequence[str]], lag_profiles_by_type: Mappin
             os.unlink(tmp)
         raise
     return path
+
+
+SEGMENT_COLORS: dict[str, tuple[int, int, int]] = {
+    "sink": (214, 39, 40), "recent": (31, 119, 180), "cyclic": (255, 127, 14),
+    "stride": (148, 103, 189), "merge": (44, 160, 44),
+}
+
+
+def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], frames: int, path, title: str = "") -> Path:
+    """One row per head (label, {frame: segment kind}), one column per history frame 0..frames-1."""
+    font = _font()
+    cell_w = max(2, min(12, 900 // max(1, frames)))
+    cell_h = max(2, min(12, 720 // max(1, len(rows))))
+    x0, y0 = MARGIN + 90, MARGIN + TITLE_H
+    width = x0 + frames * cell_w + MARGIN
+    height = y0 + len(rows) * cell_h + 30 + LEGEND_ROW * len(SEGMENT_COLORS) + MARGIN
+    image = Image.new("RGB", (max(width, 420), height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, MARGIN), title or "frames each head reads (rows: heads, cols: frames)", fill=INK, font=font)
+    step = max(1, math.ceil(12 / cell_h))
+    for r, (label, kinds) in enumerate(rows):
+        if r % step == 0:
+            draw.text((MARGIN, y0 + r * cell_h), label, fill=INK, font=font)
+        for t, kind in kinds.items():
+            box = (x0 + t * cell_w, y0 + r * cell_h, x0 + (t + 1) * cell_w - 1, y0 + (r + 1) * cell_h - 1)
+            draw.rectangle(box, fill=SEGMENT_COLORS.get(kind, UNKNOWN_COLOR))
+    for t in range(0, frames, max(1, math.ceil(30 / cell_w))):
+        draw.text((x0 + t * cell_w, y0 + len(rows) * cell_h + 2), str(t), fill=INK, font=font)
+    ly = y0 + len(rows) * cell_h + 24
+    for i, (name, colour) in enumerate(SEGMENT_COLORS.items()):
+        draw.rectangle((x0, ly + i * LEGEND_ROW, x0 + 12, ly + i * LEGEND_ROW + 12), fill=colour)
+        draw.text((x0 + 18, ly + i * LEGEND_ROW), name, fill=INK, font=font)
+    return save_png(image, path)

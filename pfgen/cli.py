@@ -1,0 +1,201 @@
+"""The `pfgen` command line: a thin Typer layer over the API, with lazy heavy imports.
+
+Every user-facing failure is one line on stderr and a non-zero exit: usage errors exit 2, problems with
+inputs or resources exit 1. Nothing half-written is left behind (writers use temp files + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pfgen.errors import PfgenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Long video generation with autoregressive video diffusion and a head-aware KV cache.")
+
+DEFAULT_PROMPT = "a red kite over the sea"
+POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all history), pyramid (head-aware)"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _model_overrides(checkpoint, wan_dir, ema, num_heads, text_encoder_device) -> dict:
+    return dict(checkpoint=checkpoint, wan_dir=wan_dir, ema=ema, num_heads=num_heads,
+                text_encoder_device=text_encoder_device)
+
+
+def _load_config(config, policy=None, backend=None, **model):
+    from pfgen.config import load_config, with_overrides
+    from pfgen.pipeline import POLICIES
+
+    if policy is not None and policy not in POLICIES:
+        raise PfgenError(f"unknown policy '{policy}'", f"choose from {', '.join(POLICIES)}")
+    cfg = load_config(config)
+    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v else v) for k, v in model.items()}
+    return with_overrides(cfg, model=model, cache=dict(policy=policy, backend=backend))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", "-p", help="what to generate"),
+    seconds: float = typer.Option(5.0, help="video length in seconds (latent frames round up to whole chunks)"),
+    frames: Optional[int] = typer.Option(None, help="video length in frames instead of --seconds"),
+    output: Path = typer.Option(Path("pfgen.mp4"), "--output", "-o", help="mp4 to write"),
+    seed: int = typer.Option(0, help="random seed of the noise"),
+    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name (tiny, self-forcing, ...)"),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    heads: Optional[Path] = typer.Option(None, help="head-type JSON for --policy pyramid"),
+    height: Optional[int] = typer.Option(None, help="video height (multiple of 16)"),
+    width: Optional[int] = typer.Option(None, help="video width (multiple of 16)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    checkpoint: Optional[Path] = typer.Option(None, help="Self Forcing / Causal Forcing .pt or diffusers folder"),
+    wan_dir: Optional[Path] = typer.Option(None, help="Wan2.1-T2V-1.3B diffusers folder (text encoder, VAE)"),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
+    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
+    backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
+    save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
+):
+    """Generate a video, streaming chunks into an mp4 as they are produced."""
+    from pfgen.generate import check_output_path, frames_for_seconds
+
+    output = check_output_path(output, ".mp4")
+    if save_latents is not None:
+        save_latents = check_output_path(save_latents)
+    cfg = _load_config(config, policy, backend,
+                       **_model_overrides(checkpoint, wan_dir, ema, num_heads, text_encoder_device))
+    from pfgen.config import with_overrides
+
+    cfg = with_overrides(cfg, runtime=dict(device=device, dtype=dtype))
+    if frames is not None and frames < 1:
+        raise PfgenError(f"--frames must be at least 1, got {frames}")
+    num_frames = frames if frames is not None else frames_for_seconds(seconds, cfg.video.fps)
+    _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents)
+
+
+def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents):
+    from pfgen.generate import generate_video
+    from pfgen.pipeline import load_pipeline
+    from pfgen.ui import chunk_progress
+
+    console = _console()
+    with console.status("loading model"):
+        pipe = load_pipeline(cfg)
+    if cfg.model.checkpoint is None:
+        console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
+                      "(give --checkpoint and --wan-dir for real weights)")
+    pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
+    with chunk_progress(console, cfg.video.fps) as on_chunk:
+        stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
+                               width=width, save_latents=save_latents, on_chunk=on_chunk)
+    console.print(stats.summary())
+
+
+@app.command("inspect-cache")
+def inspect_cache(
+    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name"),
+    heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
+    frame: int = typer.Option(100, help="query frame (latent) to show"),
+    height: int = typer.Option(480, help="video height"),
+    width: int = typer.Option(832, help="video width"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x history frames) to a PNG"),
+):
+    """Show what every head attends to at one query frame, token budgets and K/V memory."""
+    from pfgen.inspect import cache_report, pyramid_rows
+    from pfgen.inspect import inspect_geometry
+
+    cfg = _load_config(config, policy)
+    if frame < 0:
+        raise PfgenError(f"--frame must be zero or more, got {frame}")
+    if plot is not None:
+        plot = Path(plot)
+        from pfgen.generate import check_output_path
+
+        check_output_path(plot, ".png")
+    types, head_dim, grid = inspect_geometry(cfg, heads, policy, height, width)
+    report = cache_report(cfg.cache, types, frame, grid, head_dim, cfg.sampling.frames_per_chunk)
+    if plot is not None:
+        from pfgen.plots import plot_cache_pyramid
+
+        plot_cache_pyramid(pyramid_rows(report), frame - frame % cfg.sampling.frames_per_chunk
+                           + cfg.sampling.frames_per_chunk, plot, f"frame {frame}: what each head reads")
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        from pfgen.ui import print_cache_report
+
+        print_cache_report(_console(), report)
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights)"),
+    output: Path = typer.Option(..., "--output", "-o", help="diffusers transformer folder to create"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
+    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    dtype: str = typer.Option("float32", help="dtype of the written tensors (float32 keeps them bit-exact)"),
+):
+    """Write a diffusers `WanTransformer3DModel` folder (config.json + safetensors) from a checkpoint."""
+    from pfgen.config import ModelConfig
+    from pfgen.pipeline import resolve_dtype
+    from pfgen.wan.checkpoint import load_transformer, save_diffusers
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise PfgenError(f"output {output} already exists", "choose a new folder")
+    if not output.parent.exists():
+        raise PfgenError(f"output folder {output.parent} does not exist")
+    import torch
+
+    model_cfg = ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads)
+    model = load_transformer(model_cfg, resolve_dtype(dtype, torch.device("cpu")))
+    save_diffusers(model, output)
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {c.num_layers} layers, "
+                     f"width {c.num_attention_heads * c.attention_head_dim} ({c.num_attention_heads} heads x "
+                     f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every expected failure into one line and an exit code."""
+    import click
+
+    try:
+        code = app(args=argv, prog_name="pfgen", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see pfgen {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "pfgen" else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted (no partial output was kept)", err=True)
+        sys.exit(130)
+    except PfgenError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if _is_oom(exc):
+            typer.echo("error: out of GPU memory (lower --height/--width, use --text-encoder-device cpu, "
+                       "or a smaller --policy budget)", err=True)
+            sys.exit(1)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_oom(exc: Exception) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)

@@ -1,0 +1,115 @@
+"""One video to one mp4, with timing and peak memory: what `pfgen generate` (and batch mode) runs per prompt."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pfgen.errors import PfgenError
+from pfgen.pipeline import Pipeline, latent_frames_for, video_frames_for
+
+
+@dataclass
+class VideoStats:
+    path: str
+    frames: int
+    latent_frames: int
+    video_seconds: float
+    wall_seconds: float
+    first_frame_seconds: float
+    fps: float
+    peak_memory_bytes: int
+    memory_kind: str  # "cuda" (allocated by torch) or "rss" (process, CPU)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"wrote {self.path}: {self.frames} frames ({self.video_seconds:.1f} s of video) in "
+                f"{self.wall_seconds:.1f} s, {self.fps:.1f} fps, peak memory {format_bytes(self.peak_memory_bytes)} "
+                f"({self.memory_kind})")
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """Video frames for a duration (the latent count is then rounded up to whole chunks)."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise PfgenError(f"--seconds must be a positive number, got {seconds}")
+    return max(1, round(seconds * fps))
+
+
+def check_output_path(path: str | Path, suffix: str | None = None) -> Path:
+    path = Path(path).expanduser()
+    if not path.parent.exists():
+        raise PfgenError(f"output folder {path.parent} does not exist", "create it first or choose another path")
+    if path.is_dir():
+        raise PfgenError(f"output path {path} is a folder", "give a file name")
+    if suffix and path.suffix.lower() != suffix:
+        raise PfgenError(f"output file {path.name} must end in {suffix}")
+    return path
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+
+
+def generate_video(pipe: Pipeline, prompt: str, output: str | Path, *, num_frames: int, seed: int,
+                   policy: str | None = None, heads=None, height: int | None = None, width: int | None = None,
+                   save_latents: str | Path | None = None, on_chunk=None) -> VideoStats:
+    """Stream one prompt into `output` (mp4, atomic). `on_chunk(chunk, total_chunks)` reports progress."""
+    output = Path(output)
+    per_chunk = pipe.config.sampling.frames_per_chunk
+    latent = latent_frames_for(num_frames, per_chunk)
+    total_chunks = latent // per_chunk
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    kept = []
+    reset_peak_memory(pipe.device)
+    start = time.perf_counter()
+    first = [0.0]
+
+    def chunk_done(chunk):
+        if chunk.index == 0:
+            first[0] = time.perf_counter() - start
+        if save_latents is not None:
+            kept.append(chunk.latents.cpu())
+        if on_chunk is not None:
+            on_chunk(chunk, total_chunks)
+
+    pipe.write_mp4(prompt, output, num_frames=video_frames_for(latent), generator=generator, policy=policy,
+                   heads=heads, height=height, width=width, on_chunk=chunk_done)
+    wall = time.perf_counter() - start
+    if save_latents is not None:
+        _save_latents(torch.cat(kept, dim=2), save_latents, prompt, seed)
+    frames = video_frames_for(latent)
+    peak, kind = peak_memory(pipe.device)
+    return VideoStats(str(output), frames, latent, frames / pipe.config.video.fps, wall, first[0], frames / wall,
+                      peak, kind)
+
+
+def _save_latents(latents: torch.Tensor, path: str | Path, prompt: str, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompt": prompt, "seed": str(seed)})
+    os.replace(tmp, path)

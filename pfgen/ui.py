@@ -1,0 +1,63 @@
+"""Terminal rendering with rich: the chunk progress bar and the inspect-cache tables."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from pfgen.generate import format_bytes
+
+
+@contextmanager
+def chunk_progress(console, fps: int):
+    """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.completed}/{task.total}"),
+               TextColumn("{task.fields[video]:.1f}/{task.fields[video_total]:.1f} s video"),
+               TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn())
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("generate", total=None, video=0.0, video_total=0.0, fps=0.0)
+
+        def on_chunk(chunk, total_chunks):
+            per_chunk = chunk.latents.shape[2]
+            latent_done = chunk.t0 + per_chunk
+            frames_done = 1 + 4 * (latent_done - 1)
+            frames_total = 1 + 4 * (total_chunks * per_chunk - 1)
+            progress.update(task, completed=chunk.index + 1, total=total_chunks, video=frames_done / fps,
+                            video_total=frames_total / fps, fps=frames_done / (time.perf_counter() - start))
+
+        yield on_chunk
+
+
+def print_cache_report(console, report: dict) -> None:
+    """One table per head type (segments, frames, tokens, K/V bytes) and totals against the baseline."""
+    from rich.table import Table
+
+    summary = report["summary"]
+    console.print(f"query frame {report['frame']} (chunk {report['chunk']}), {report['tokens_per_frame']} tokens "
+                  f"per frame")
+    seen = {}
+    for head in report["heads"]:
+        seen.setdefault(head["type"], head)
+    for kind, head in seen.items():
+        count = summary["heads_per_type"][kind]
+        table = Table(title=f"{kind} x{count}: reads {head['tokens']} tokens, stores "
+                            f"{format_bytes(summary['kv_bytes_per_head'][kind])}/head", title_justify="left")
+        for col in ("segment", "frames", "RoPE t", "tokens"):
+            table.add_column(col)
+        for seg in head["segments"]:
+            table.add_row(seg["kind"], _frames(seg["frames"]), _frames(seg["rope_t"]), str(seg["tokens"]))
+        console.print(table)
+    mean, base = summary["tokens_per_head_mean"], summary["baseline_tokens_per_head"]
+    console.print(f"keys read per head: {mean:,.0f} mean vs {base:,} for the rolling-21 baseline "
+                  f"({mean / base:.1%})")
+    kv, kv0 = summary["kv_bytes"], summary["baseline_kv_bytes"]
+    console.print(f"K/V stored: {format_bytes(kv)} vs {format_bytes(kv0)} for rolling-21 ({kv / kv0:.1%})")
+
+
+def _frames(values: list[int]) -> str:
+    if len(values) > 8:
+        return f"{values[0]}..{values[-1]} ({len(values)})"
+    return ", ".join(str(v) for v in values)

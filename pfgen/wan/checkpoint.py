@@ -1,0 +1,197 @@
+"""Load Self Forcing / Causal Forcing / Wan2.1 transformer weights into diffusers' WanTransformer3DModel.
+
+Accepted: a `.pt` training checkpoint (`generator` / `generator_ema`, keys `model.<Wan name>`), a diffusers
+transformer folder (config.json + safetensors), or original Wan2.1 weights (safetensors with Wan names).
+Every load is strict: each tensor is used once, each parameter filled, shapes checked. The architecture is
+read from the tensors, so the same code loads the 1.3B model, 14B-shaped students and tiny test models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from pfgen.errors import PfgenError
+
+# Original Wan2.1 name -> diffusers name, applied in order (head.modulation before the generic rule;
+# Wan's affine norm3 is diffusers' norm2, through a placeholder so the two do not collide).
+WAN_TO_DIFFUSERS = (
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    (".modulation", ".scale_shift_table"),
+    (".self_attn.o.", ".attn1.to_out.0."),
+    (".self_attn.", ".attn1."),
+    (".cross_attn.o.", ".attn2.to_out.0."),
+    (".cross_attn.", ".attn2."),
+    (".norm3.", ".__affine_norm__."),
+    (".ffn.0.", ".ffn.net.0.proj."),
+    (".ffn.2.", ".ffn.net.2."),
+    (".__affine_norm__.", ".norm2."),
+)
+_PROJ = re.compile(r"\.(attn[12])\.([qkv])\.")
+WRAPPER_PREFIXES = ("model._fsdp_wrapped_module.", "model.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.",
+                    "_orig_mod.")
+
+
+def wan_to_diffusers(state: dict) -> dict:
+    out = {}
+    for name, tensor in state.items():
+        for old, new in WAN_TO_DIFFUSERS:
+            name = name.replace(old, new)
+        out[_PROJ.sub(r".\1.to_\2.", name)] = tensor
+    return out
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Remove training-wrapper prefixes (`model.`, FSDP / checkpoint / compile wrappers) from every key."""
+    out = {}
+    for name, tensor in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+            name = name.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+        out[name] = tensor
+    return out
+
+
+def read_training_checkpoint(path: Path, ema: bool) -> dict:
+    """State dict (Wan names) of the generator in a Self Forcing / Causal Forcing `.pt` file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise PfgenError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})",
+                         "give a Self Forcing / Causal Forcing .pt file or a diffusers folder") from None
+    if not isinstance(data, dict):
+        raise PfgenError(f"{path} does not hold a state dict")
+    key = "generator_ema" if ema else "generator"
+    if "generator" in data or "generator_ema" in data:
+        if key not in data:
+            other = "--no-ema" if ema else "--ema"
+            raise PfgenError(f"{path} has no '{key}' entry (it has: {', '.join(sorted(data))})", f"use {other}")
+        data = data[key]
+    if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise PfgenError(f"{path} does not look like a model checkpoint (no tensors found)")
+    return strip_prefixes(data)
+
+
+def read_weights(path: str | Path, ema: bool) -> tuple[dict, dict | None]:
+    """(diffusers-named state dict, diffusers config or None) from any accepted source."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PfgenError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise PfgenError(f"{path} holds no .safetensors weights", "give a diffusers transformer folder")
+        state = _read_safetensors(files)
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else None
+        is_diffusers = config is not None and config.get("_class_name") == "WanTransformer3DModel"
+        return (state, config) if is_diffusers else (wan_to_diffusers(strip_prefixes(state)), None)
+    if path.suffix == ".safetensors":
+        return wan_to_diffusers(strip_prefixes(_read_safetensors([path]))), None
+    return wan_to_diffusers(read_training_checkpoint(path, ema)), None
+
+
+def _read_safetensors(files) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def infer_architecture(state: dict, num_heads: int | None = None) -> dict:
+    """WanTransformer3DModel config from tensor shapes (heads = dim / 128 unless given)."""
+    try:
+        patch = state["patch_embedding.weight"]
+        dim, in_channels = patch.shape[0], patch.shape[1]
+        patch_size = tuple(patch.shape[2:])
+        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        config = dict(
+            patch_size=patch_size, in_channels=in_channels, num_layers=layers,
+            out_channels=state["proj_out.weight"].shape[0] // math.prod(patch_size),
+            ffn_dim=state["blocks.0.ffn.net.0.proj.weight"].shape[0],
+            text_dim=state["condition_embedder.text_embedder.linear_1.weight"].shape[1],
+            freq_dim=state["condition_embedder.time_embedder.linear_1.weight"].shape[1],
+            cross_attn_norm="blocks.0.norm2.weight" in state, eps=1e-6,
+            qk_norm="rms_norm_across_heads" if "blocks.0.attn1.norm_q.weight" in state else None,
+        )
+    except (KeyError, ValueError, IndexError) as exc:
+        raise PfgenError(f"the weights are not a Wan text-to-video transformer (missing {exc})") from None
+    if "blocks.0.attn2.add_k_proj.weight" in state:
+        raise PfgenError("image-to-video Wan weights are not supported", "use a text-to-video student")
+    heads = num_heads or max(1, dim // 128)
+    if dim % heads:
+        raise PfgenError(f"model width {dim} is not divisible by {heads} heads", "pass a valid --num-heads")
+    return {**config, "num_attention_heads": heads, "attention_head_dim": dim // heads}
+
+
+def build_strict(config: dict, state: dict, dtype: torch.dtype):
+    """Instantiate without random init (meta device) and assign every tensor, strictly."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from pfgen.wan.components import fp32_pattern
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        raise PfgenError("checkpoint does not match the Wan transformer: " + "; ".join(parts))
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise PfgenError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(tensor.shape)}")
+    keep = fp32_pattern(model)
+    cast = {k: v.to(torch.float32 if keep and keep.search(k) else dtype) for k, v in state.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    cfg = model.config
+    model.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
+    return model.eval().requires_grad_(False)
+
+
+def load_transformer(model_cfg, dtype: torch.dtype):
+    if model_cfg.checkpoint is None:
+        raise PfgenError("no checkpoint given")
+    state, config = read_weights(model_cfg.checkpoint, model_cfg.ema)
+    if config is None:
+        config = infer_architecture(state, model_cfg.num_heads)
+    else:
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return build_strict(config, state, dtype)
+
+
+def save_diffusers(model, directory: str | Path) -> Path:
+    """Write a folder `WanTransformer3DModel.from_pretrained` loads on its own (written to a temp dir, then
+    renamed, so an interrupted conversion leaves nothing behind)."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise PfgenError(f"output folder {directory} exists and is not empty", "choose a new folder")
+    tmp = directory.with_name(f".{directory.name}.partial")
+    model.save_pretrained(tmp, safe_serialization=True)
+    if directory.exists():
+        directory.rmdir()
+    os.replace(tmp, directory)
+    return directory
