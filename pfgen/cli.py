@@ -67,9 +67,10 @@ def generate(
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced."""
-    from pfgen.generate import check_output_path, frames_for_seconds
+    from pfgen.generate import check_output_path, check_video_size, frames_for_seconds
 
     output = check_output_path(output, ".mp4")
+    check_video_size(height, width)
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
     cfg = _load_config(config, policy, backend,
@@ -91,10 +92,11 @@ def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, s
     console = _console()
     with console.status("loading model"):
         pipe = load_pipeline(cfg)
+    pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
+    pipe.head_types(cfg.cache.policy, heads)  # a wrong head file fails before any output exists
     if cfg.model.checkpoint is None:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
                       "(give --checkpoint and --wan-dir for real weights)")
-    pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
     with chunk_progress(console, cfg.video.fps) as on_chunk:
         stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
                                width=width, save_latents=save_latents, on_chunk=on_chunk)
@@ -170,30 +172,34 @@ def convert(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
-    import click
-
     try:
         code = app(args=argv, prog_name="pfgen", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        hint = f" (see pfgen {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "pfgen" else ""
-        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        typer.echo("error: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: interrupted (no partial output was kept)", err=True)
         sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
     except PfgenError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except Exception as exc:
+        if _is_usage_error(exc):
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command.name if ctx is not None and ctx.command is not None else None
+            hint = f" (see pfgen {command} --help)" if command and command != "pfgen" else " (see pfgen --help)"
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
         if _is_oom(exc):
             typer.echo("error: out of GPU memory (lower --height/--width, use --text-encoder-device cpu, "
                        "or a smaller --policy budget)", err=True)
             sys.exit(1)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's usage errors (bad option, bad value, missing argument), whichever click Typer bundles."""
+    return hasattr(exc, "format_message") and any(c.__name__ == "UsageError" for c in type(exc).__mro__)
 
 
 def _is_oom(exc: Exception) -> bool:

@@ -140,7 +140,24 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
     if not isinstance(data, dict):
         raise PfgenError(f"{path}: expected a mapping of sections at the top level")
     data = _resolve_paths(data, path.parent)
-    return build(Config, data, str(path))
+    config = build(Config, data, str(path))
+    validate(config, str(path))
+    return config
+
+
+def validate(config: Config, where: str = "config") -> None:
+    """Values the dataclass types cannot express (positive budgets, known names)."""
+    from pfgen.cache.policy import validate_cache_config
+    from pfgen.heads import HEAD_TYPES
+
+    try:
+        validate_cache_config(config.cache)
+    except ValueError as exc:
+        raise PfgenError(f"{where}: {exc}") from None
+    if config.cache.all is not None and config.cache.all not in HEAD_TYPES:
+        raise PfgenError(f"{where}: cache.all must be one of {', '.join(HEAD_TYPES)}, got '{config.cache.all}'")
+    if config.sampling.frames_per_chunk < 1:
+        raise PfgenError(f"{where}: sampling.frames_per_chunk must be at least 1")
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:

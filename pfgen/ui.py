@@ -13,19 +13,19 @@ def chunk_progress(console, fps: int):
     """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.completed}/{task.total}"),
+    columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.completed}/{task.fields[chunks]}"),
                TextColumn("{task.fields[video]:.1f}/{task.fields[video_total]:.1f} s video"),
                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn())
     start = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("generate", total=None, video=0.0, video_total=0.0, fps=0.0)
+        task = progress.add_task("generate", total=None, chunks="?", video=0.0, video_total=0.0, fps=0.0)
 
         def on_chunk(chunk, total_chunks):
             per_chunk = chunk.latents.shape[2]
             latent_done = chunk.t0 + per_chunk
             frames_done = 1 + 4 * (latent_done - 1)
             frames_total = 1 + 4 * (total_chunks * per_chunk - 1)
-            progress.update(task, completed=chunk.index + 1, total=total_chunks, video=frames_done / fps,
+            progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks, video=frames_done / fps,
                             video_total=frames_total / fps, fps=frames_done / (time.perf_counter() - start))
 
         yield on_chunk
