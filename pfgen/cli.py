@@ -141,6 +141,65 @@ def inspect_cache(
         print_cache_report(_console(), report)
 
 
+@app.command("profile-heads")
+def profile_heads(
+    output: Path = typer.Option(..., "--output", "-o", help="head-type JSON to write"),
+    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name"),
+    checkpoint: Optional[Path] = typer.Option(None, help="Self Forcing / Causal Forcing .pt or diffusers folder"),
+    wan_dir: Optional[Path] = typer.Option(None, help="Wan2.1-T2V-1.3B diffusers folder"),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
+    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: 32 built in)"),
+    seconds: float = typer.Option(15.0, help="video length per calibration prompt"),
+    seed: int = typer.Option(0, help="noise seed of the first prompt (prompt i uses seed + i)"),
+    height: Optional[int] = typer.Option(None, help="calibration video height"),
+    width: Optional[int] = typer.Option(None, help="calibration video width"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    stats_out: Optional[Path] = typer.Option(None, help="also save the frame-logit statistics (safetensors)"),
+    from_stats: Optional[Path] = typer.Option(None, help="classify saved statistics without loading a model"),
+    work_dir: Optional[Path] = typer.Option(None, help="per-prompt statistics, for resuming (default: OUTPUT.parts)"),
+    threshold: list[str] = typer.Option([], "--threshold", "-t", help="classifier threshold, NAME=VALUE (repeat)"),
+    plot: Optional[Path] = typer.Option(None, help="PNG: head-type map and mean lag profile per type"),
+    compare: Optional[Path] = typer.Option(None, help="another head-type JSON to report agreement with"),
+):
+    """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
+    from pfgen.generate import check_output_path, check_video_size
+    from pfgen.profile.run import ProfileRequest, classify_statistics, collect_statistics, compare_with, \
+        parse_thresholds
+
+    thresholds = parse_thresholds(threshold)
+    check_output_path(output, ".json")
+    for path, suffix in ((stats_out, ".safetensors"), (plot, ".png")):
+        if path is not None:
+            check_output_path(path, suffix)
+    check_video_size(height, width)
+    cfg = _load_config(config, **_model_overrides(checkpoint, wan_dir, ema, num_heads, None))
+    from pfgen.config import with_overrides
+
+    cfg = with_overrides(cfg, runtime=dict(device=device, dtype=dtype))
+    req = ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir, tuple(threshold), plot,
+                         compare, height, width)
+    from pfgen.ui import calibration_progress, print_agreement, print_head_counts
+
+    console = _console()
+    if from_stats is None:
+        with calibration_progress(console) as progress:
+            stats = collect_statistics(cfg, req, progress)
+    else:
+        stats = collect_statistics(cfg, req)
+    heads, result = classify_statistics(stats, thresholds, cfg.model.name if config else None)
+    heads.save(output)
+    print_head_counts(console, heads)
+    if plot is not None:
+        from pfgen.plots import plot_head_types
+
+        plot_head_types(heads.types, result.lag_profiles_by_type(), plot)
+    if compare is not None:
+        print_agreement(console, compare_with(heads, compare), compare)
+    console.print(f"wrote {output}: {heads.counts()}")
+
+
 @app.command()
 def convert(
     checkpoint: Path = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights)"),

@@ -146,8 +146,10 @@ class Pipeline:
 
     def stream(self, prompt=None, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
-               decode: bool = True, on_step=None) -> Iterator[ChunkOutput]:
-        """Yield each chunk's latents (and decoded frames) as soon as they exist."""
+               decode: bool = True, on_step=None, observer=None) -> Iterator[ChunkOutput]:
+        """Yield each chunk's latents (and decoded frames) as soon as they exist.
+
+        `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling)."""
         if (prompt is None) == (prompt_embeds is None):
             raise PfgenError("give exactly one of prompt and prompt_embeds")
         embeds = self.encode_prompt(prompt) if prompt is not None else prompt_embeds.to(self.device, self.dtype)
@@ -164,10 +166,13 @@ class Pipeline:
         if decoder:
             decoder.reset()
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
-        for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
-            frames = decoder.decode(x0) if decoder else None
-            yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
-        assert cache is self.state.cache
+        cache.observer = observer
+        try:
+            for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
+                frames = decoder.decode(x0) if decoder else None
+                yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
+        finally:
+            cache.observer = None
 
     def _check_latents(self, latents, batch, grid) -> int:
         channels = self.transformer.config.in_channels

@@ -61,3 +61,75 @@ def _frames(values: list[int]) -> str:
     if len(values) > 8:
         return f"{values[0]}..{values[-1]} ({len(values)})"
     return ", ".join(str(v) for v in values)
+
+
+class CalibrationProgress:
+    """Two bars, prompts done and chunks of the current prompt, shown from `start` on (after the inputs
+    are checked and the model is loaded, so an error is never printed under a half-drawn bar)."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console)
+        self.prompts = self.progress.add_task("prompts", total=None)
+        self.chunks = self.progress.add_task("chunks", total=None)
+        self.started = False
+
+    def start(self, prompts: int, chunks: int) -> None:
+        self.progress.update(self.prompts, total=prompts)
+        self.progress.update(self.chunks, total=chunks)
+        self.progress.start()
+        self.started = True
+
+    def chunk(self, chunk) -> None:
+        self.progress.update(self.chunks, completed=chunk.index + 1)
+
+    def prompt(self, index: int) -> None:
+        self.progress.update(self.prompts, completed=index + 1)
+        self.progress.update(self.chunks, completed=0)
+
+
+@contextmanager
+def calibration_progress(console):
+    reporter = CalibrationProgress(console)
+    try:
+        yield reporter
+    finally:
+        if reporter.started:
+            reporter.progress.stop()
+
+
+def print_head_counts(console, heads) -> None:
+    """Counts per type per layer, and totals."""
+    from rich.table import Table
+
+    table = Table(title=f"head types ({heads.layers} layers x {heads.heads} heads)", title_justify="left")
+    for col in ("layer", "anchor", "wave", "veil"):
+        table.add_column(col, justify="right")
+    for layer, row in enumerate(heads.types):
+        table.add_row(str(layer), *(str(row.count(k)) for k in ("anchor", "wave", "veil")))
+    totals = heads.counts()
+    table.add_row("all", *(str(totals[k]) for k in ("anchor", "wave", "veil")))
+    console.print(table)
+
+
+def print_agreement(console, report: dict, other) -> None:
+    """Overall agreement, per-type recall/precision and the confusion matrix against another file."""
+    from rich.table import Table
+
+    console.print(f"agreement with {other}: {report['agreement']:.1%} of {report['n']} heads")
+    table = Table(title="confusion (rows: these labels, columns: the other file)", title_justify="left")
+    table.add_column("")
+    for name in report["order"]:
+        table.add_column(name, justify="right")
+    table.add_column("recall", justify="right")
+    table.add_column("precision", justify="right")
+    for name, row in zip(report["order"], report["confusion"]):
+        per = report["per_type"][name]
+        table.add_row(name, *(str(v) for v in row), _pct(per.get("recall")), _pct(per.get("precision")))
+    console.print(table)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"

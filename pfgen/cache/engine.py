@@ -49,7 +49,7 @@ class KVCache:
         ]
         self.plan: ChunkPlan | None = None
         self.committing = False
-        self.observer = None  # optional callable(layer, q_abs, plan) for profiling
+        self.observer = None  # optional callable(layer, q_abs, k_abs, plan, committing), e.g. profiling
 
     @staticmethod
     def _head_groups(row, device) -> dict:
@@ -90,7 +90,7 @@ class KVCache:
         q_abs = apply_rope(q, *rope)
         k_abs = apply_rope(k, *rope)
         if self.observer is not None:
-            self.observer(layer, q_abs, k_abs, plan)
+            self.observer(layer, q_abs, k_abs, plan, self.committing)
         out = torch.empty_like(q)
         for kind, heads in self.layer_heads[layer].items():
             store = self.stores[layer][kind]
