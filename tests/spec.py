@@ -76,8 +76,8 @@ def _grid_yx(h, w, step):
 
 
 def _rotate(x, ts, ys, xs, head_dim):
-    cos, sin = rope_table(torch.tensor(ts), ys, xs, head_dim)
-    cos, sin = cos.double(), sin.double()
+    freqs = rope_table(torch.tensor(ts), ys, xs, head_dim)
+    cos, sin = freqs.real.double(), freqs.imag.double()
     pairs = x.double().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)

@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 import pfgen
 from pfgen.config import CacheConfig
 from pfgen.cache.engine import CacheGeometry, KVCache
-from pfgen.rope import FrameOffsetRoPE
+from pfgen.rope import FrameOffsetRoPE, apply_rope
 from pfgen.video import StreamingDecoder
 from pfgen.wan.processors import Float64Timesteps, make_causal
 from pfgen.wan.tiny import tiny_transformer, tiny_vae
@@ -125,10 +125,7 @@ def test_rope_has_no_length_ceiling():
     k = torch.randn(1, 3, 1, 32)
 
     def rotate(x, table):
-        cos, sin = table[0][0, :3, :, 0::2], table[1][0, :3, :, 1::2]
-        from pfgen.rope import apply_rope
-
-        return apply_rope(x, cos, sin)
+        return apply_rope(x, table.freqs[:3])
 
     far_score = (rotate(q, far)[0, 2] * rotate(k, far)[0, 0]).sum()
     near_score = (rotate(q, near)[0, 2] * rotate(k, near)[0, 0]).sum()

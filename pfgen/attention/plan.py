@@ -22,7 +22,7 @@ class HistRead:
     partitions: slice
     per_frame: bool
     keys: slice | torch.Tensor
-    q_table: tuple[torch.Tensor, torch.Tensor]  # queries rotated at min(t_q, window): (F_g*N, 1, D/2)
+    q_table: torch.Tensor  # complex rotations of queries at min(t_q, window): (F_g*N, 1, D/2)
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def _group(reads, a, b, abs_offsets, hist_offsets, query_tables, device) -> Grou
         parts = [r.hist_partition for r in reads[a:b]]
         per_frame = b - a > 1 and parts[1] != parts[0]
         partitions = slice(parts[0], parts[-1] + 1) if per_frame else slice(parts[0], parts[0] + 1)
-        cos, sin = query_tables(tuple(r.hist_shift for r in reads[a:b]), a)
-        hist = HistRead(partitions, per_frame, selection(read.hist_slots, hist_offsets, device), (cos, sin))
+        table = query_tables(tuple(r.hist_shift for r in reads[a:b]), a)
+        hist = HistRead(partitions, per_frame, selection(read.hist_slots, hist_offsets, device), table)
     return Group(a, b, selection(read.abs_slots, abs_offsets, device), hist)
 
 

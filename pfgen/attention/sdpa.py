@@ -29,7 +29,7 @@ def frame_keys(read, store: RuleStore, head_dim: int, theta: float):
         hsel = selection(read.hist_slots, offsets, store.k_abs.device)
         kh = store.k_hist[read.hist_partition][:, hsel]
         table = temporal_table([read.hist_shift], kh.shape[1], head_dim, theta, kh.device)
-        ks.append(apply_rope(kh, *table))
+        ks.append(apply_rope(kh, table))
         vs.append(store.v_hist[read.hist_partition][:, hsel])
     return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 

@@ -40,16 +40,15 @@ def attention_lse_math(q, k, v):
 
 
 def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
-    """Exact softmax over the union of two key sets, from each part's output and log-sum-exp."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
-    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+    """Exact softmax over the union of two key sets, from each part's output and log-sum-exp: part 2 has
+    weight exp(lse2) / (exp(lse1) + exp(lse2)) = sigmoid(lse2 - lse1)."""
+    weight = torch.sigmoid(lse2 - lse1).unsqueeze(-1)
+    return torch.lerp(o1.float(), o2.float(), weight).to(o1.dtype)
 
 
 def _hist_part(g: Group, store: RuleStore, q_raw: torch.Tensor, n: int):
     tokens = slice(g.first * n, g.stop * n)
-    q = apply_rope(q_raw[:, tokens], *g.hist.q_table)
+    q = apply_rope(q_raw[:, tokens], g.hist.q_table)
     k = store.k_hist[g.hist.partitions][:, :, g.hist.keys]
     v = store.v_hist[g.hist.partitions][:, :, g.hist.keys]
     if not g.hist.per_frame:

@@ -84,21 +84,26 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
         """Self-attention of the chunk's tokens over the cache.
 
-        q, k, v: (B, F*N, heads, D) before RoPE; rope: (cos, sin) of the chunk's own positions, (F*N, 1, D/2).
+        q, k, v: (B, F*N, heads, D) before RoPE; rope: complex rotations of the chunk's own positions,
+        (F*N, 1, D/2). A layer served by one head type returns the backend's output as is.
         """
         plan = self.plan
-        q_abs = apply_rope(q, *rope)
-        k_abs = apply_rope(k, *rope)
+        q_abs = apply_rope(q, rope)
+        k_abs = apply_rope(k, rope)
         if self.observer is not None:
             self.observer(layer, q_abs, k_abs, plan, self.committing)
-        out = torch.empty_like(q)
-        for kind, heads in self.layer_heads[layer].items():
+        groups = self.layer_heads[layer]
+        out = torch.empty_like(q) if len(groups) > 1 else None
+        for kind, heads in groups.items():
             store = self.stores[layer][kind]
             rp = plan.rules[kind]
             store.write_current(k_abs[:, :, heads], v[:, :, heads], rp.write_slots)
-            out[:, :, heads] = self.backend(rp, store, q[:, :, heads], q_abs[:, :, heads], plan, self.geometry.theta)
+            o = self.backend(rp, store, q[:, :, heads], q_abs[:, :, heads], plan, self.geometry.theta)
             if self.committing:
                 store.commit(rp.ops, k[:, :, heads], v[:, :, heads], plan.t0, plan.tables)
+            if out is None:
+                return o
+            out[:, :, heads] = o
         return out
 
     def nbytes(self) -> int:

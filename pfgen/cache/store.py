@@ -69,7 +69,7 @@ class RuleStore:
         for op in ops:
             if isinstance(op, WriteHist):
                 f = op.frame - t0
-                k = apply_rope(k_raw[:, f * n:(f + 1) * n], *tables["hist"])
+                k = apply_rope(k_raw[:, f * n:(f + 1) * n], tables["hist"])
                 a, b = op.slot * n, (op.slot + 1) * n
                 for p in op.partitions:
                     self.k_hist[p, :, a:b] = k
@@ -111,7 +111,7 @@ class RuleStore:
 
     def _finalize(self, op: Finalize, table) -> None:
         denom = self.patch_counts * self.layout.merge_block
-        k = apply_rope(self.acc_k / denom, *table)
+        k = apply_rope(self.acc_k / denom, table)
         a, b = self.abs_range(op.slot)
         self.k_abs[:, a:b] = k.to(self.k_abs.dtype)
         self.v_abs[:, a:b] = (self.acc_v / denom).to(self.v_abs.dtype)

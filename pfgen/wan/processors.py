@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfgen.rope import FrameOffsetRoPE
+from pfgen.rope import FrameOffsetRoPE, complex_table
 
 
 class CausalState:
@@ -39,9 +39,10 @@ class CachedSelfAttention:
         q = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
         k = _heads(attn.norm_k(attn.to_k(hidden_states)), attn.heads)
         v = _heads(attn.to_v(hidden_states), attn.heads)
-        cos, sin = rotary_emb
-        rope = (cos[0, :, :, 0::2], sin[0, :, :, 1::2])  # diffusers' interleaved tables -> (L, 1, D/2)
-        out = self.state.cache.attend(self.layer, q, k, v, rope).flatten(2).type_as(hidden_states)
+        freqs = getattr(rotary_emb, "freqs", None)
+        if freqs is None:  # tables from diffusers' own RoPE module
+            freqs = complex_table(*rotary_emb)
+        out = self.state.cache.attend(self.layer, q, k, v, freqs).flatten(2).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 
 
