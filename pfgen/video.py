@@ -46,10 +46,35 @@ class StreamingDecoder:
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
-    frames = ((video.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+def to_uint8_frames(video: torch.Tensor):
+    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the host.
+
+    On a GPU the copy is asynchronous (pinned memory + an event): the caller goes on launching the next
+    chunk while the frames travel, and the mp4 writer thread waits for the event. Returns a numpy array,
+    or a `PendingFrames` that the writer resolves.
+    """
+    frames = ((video.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+    if not frames.is_cuda:
+        return frames.numpy()
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return PendingFrames(host, event)
+
+
+class PendingFrames:
+    """Frames being copied from the GPU; `resolve()` waits for the copy (called on the writer thread)."""
+
+    def __init__(self, host: torch.Tensor, event):
+        self.host, self.event = host, event
+
+    def __len__(self) -> int:
+        return self.host.shape[0]
+
+    def resolve(self) -> np.ndarray:
+        self.event.synchronize()
+        return self.host.numpy()
 
 
 class Mp4Writer:
@@ -79,12 +104,13 @@ class Mp4Writer:
         while (frames := self._queue.get()) is not None:
             try:
                 if self._error is None:
+                    frames = frames.resolve() if isinstance(frames, PendingFrames) else frames
                     self._writer.send(np.ascontiguousarray(frames))
             except BaseException as exc:  # surfaced on the caller's thread
                 self._error = exc
 
-    def write(self, frames: np.ndarray) -> None:
-        """Queue (F, H, W, 3) uint8 frames; encoding overlaps with generation."""
+    def write(self, frames) -> None:
+        """Queue (F, H, W, 3) uint8 frames (numpy or `PendingFrames`); encoding overlaps with generation."""
         if self._error is not None:
             raise self._error
         self._queue.put(frames)

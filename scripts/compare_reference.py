@@ -66,6 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight-seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--exact-baseline", action="store_true",
+                    help="with bfloat16: also run the reference in float32 on the same (rounded) inputs and "
+                         "re-noise draws, and report how far each bfloat16 run is from it")
     ap.add_argument("--json", default=None, help="write every number to this file")
     return ap.parse_args(argv)
 
@@ -73,6 +76,9 @@ def parse_args(argv=None):
 # -- the reference, imported from its checkout ------------------------------------------------------------------
 def import_reference(path: Path):
     """Import the reference's causal model, wrapper and pipeline without running its package __init__ files."""
+    if "pipeline.causal_inference" in sys.modules:
+        return tuple(sys.modules[m] for m in ("wan.modules.causal_model", "utils.wan_wrapper",
+                                               "pipeline.causal_inference"))
     if not (path / "pipeline" / "causal_inference.py").exists():
         sys.exit(f"error: {path} is not a Self Forcing checkout (no pipeline/causal_inference.py)")
     sys.path.insert(0, str(path))
@@ -186,7 +192,7 @@ class ReferenceRecorder:
     """Wraps the reference's generator and scheduler: x0 of every noisy pass, every re-noise eps, and the K/V
     cache (per compared layer, with the frame each cache row holds) after every clean pass."""
 
-    def __init__(self, pipe, steps: int, frames_per_chunk: int, sink: int, kv_layers):
+    def __init__(self, pipe, steps: int, frames_per_chunk: int, sink: int, kv_layers, replay=None):
         self.pipe, self.steps, self.per_chunk, self.sink, self.kv_layers = pipe, steps, frames_per_chunk, sink, kv_layers
         self.x0, self.eps, self.kv = [], [], []
         self.calls = 0
@@ -203,6 +209,8 @@ class ReferenceRecorder:
             return flow, x0
 
         def recorded_add_noise(samples, noise, timestep):
+            if replay is not None:  # use another run's draws instead of this run's randn_like
+                noise = replay.pop(0).to(noise)
             self.eps.append(noise.detach().clone())
             return add_noise(samples, noise, timestep)
 
@@ -217,6 +225,25 @@ class ReferenceRecorder:
         keep = {layer: (kv_cache[layer]["k"][:, :held * tokens].cpu().clone(),
                         kv_cache[layer]["v"][:, :held * tokens].cpu().clone()) for layer in self.kv_layers}
         return dict(chunk=chunk, frames=frames, layers=keep)
+
+
+def run_reference(args, shape, embeds, noise, device, dtype, kv_layers, replay=None):
+    """One reference inference: (recorder, returned latents, fp32 checkpoint, seconds)."""
+    started = time.time()
+    pipe, checkpoint = build_reference(args, shape, embeds, device, dtype)
+    recorder = ReferenceRecorder(pipe, len(STEPS), 3, args.sink, kv_layers, replay)
+    torch.manual_seed(args.seed + 1)  # the reference draws its re-noise eps from the global RNG
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(args.seed + 1)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every timestep
+        _, latents = pipe.inference(noise=noise.to(device, dtype), text_prompts=["<embeddings given>"],
+                                    return_latents=True)
+    seconds = time.time() - started
+    recorder.pipe = pipe = None  # free the reference model and its cache before the next model loads
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return recorder, latents, checkpoint, seconds
 
 
 # -- pfgen ------------------------------------------------------------------------------------------------------
@@ -294,7 +321,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cuda" and dtype == torch.float32:  # a float32 comparison means float32 matmuls
+    if device.type == "cuda":  # float32 runs (and the exact baseline) mean float32 matmuls, not TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     shape = dict(SHAPES[args.shape])
     shape["layers"] = args.layers or shape["layers"]
@@ -315,21 +342,17 @@ def main(argv=None) -> dict:
           f"({shape['tokens']} tokens/frame), {args.chunks} chunks = {frames} frames, rolling window "
           f"{args.window} sink {args.sink}, {args.device} {args.dtype}", flush=True)
 
-    started = time.time()
-    pipe, checkpoint = build_reference(args, shape, embeds, device, dtype)
-    recorder = ReferenceRecorder(pipe, len(STEPS), 3, args.sink, kv_layers)
-    torch.manual_seed(args.seed + 1)  # the reference draws its re-noise eps from the global RNG
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(args.seed + 1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        _, ref_latents = pipe.inference(noise=noise, text_prompts=["<embeddings given>"], return_latents=True)
-    ref_seconds = time.time() - started
+    recorder, ref_latents, checkpoint, ref_seconds = run_reference(args, shape, embeds, noise, device, dtype,
+                                                                   kv_layers)
     print(f"reference: {len(recorder.x0)} noisy passes, {len(recorder.kv)} clean passes, "
           f"{len(recorder.eps)} re-noise draws, {ref_seconds:.1f} s", flush=True)
-    recorder.pipe = pipe = None  # free the reference model and its cache before pfgen loads
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    exact = None
+    if args.exact_baseline and dtype != torch.float32:
+        # the same inputs as the low-precision runs saw (noise, embeddings and eps rounded to dtype), in float32
+        base, _, _, seconds = run_reference(args, shape, embeds.to(dtype).float(), noise.float(), device,
+                                            torch.float32, [], replay=[e.float() for e in recorder.eps])
+        exact = dict(base.x0)
+        print(f"reference in float32 (exact baseline): {seconds:.1f} s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "self_forcing_random.pt"
@@ -342,12 +365,14 @@ def main(argv=None) -> dict:
 
     ref_x0 = dict(recorder.x0)
     x0_rows = [dict(chunk=c, step=s, **diff(x0[(c, s)], ref_x0[(c, s)])) for c, s in sorted(ref_x0)]
+    exact_rows = [dict(chunk=c, step=s, reference=diff(ref_x0[(c, s)], exact[(c, s)]),
+                       pfgen=diff(x0[(c, s)], exact[(c, s)])) for c, s in sorted(exact)] if exact else []
     final = diff(torch.cat([x0[(c, len(STEPS) - 1)] for c in range(args.chunks)], dim=2),
                  ref_latents.permute(0, 2, 1, 3, 4))
     result = dict(setup=dict(vars(args), layers=layers, tokens_per_frame=shape["tokens"], height=shape["height"],
                              width=shape["width"], kv_layers=kv_layers, torch=torch.__version__,
                              reference_seconds=ref_seconds, pfgen_seconds=pf_seconds, shims=SHIMS),
-                  x0=x0_rows, kv=kv_rows, final_latents=final)
+                  x0=x0_rows, kv=kv_rows, final_latents=final, x0_vs_float32_reference=exact_rows)
     print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -365,6 +390,13 @@ def print_report(result: dict) -> None:
     for r in result["kv"]:
         print(f"{r['chunk']:>5} {r['layer']:>5} {r['tensor']:>2} {r['frames']:>14} {r['max_abs']:>10.3e} "
               f"{r['mean_abs']:>10.3e} {r['ref_rms']:>8.3f}")
+    if result["x0_vs_float32_reference"]:
+        print("\nx0 against the reference run in float32 on the same inputs (the exact answer)")
+        print(f"{'chunk':>5} {'step':>4} {'reference max':>14} {'mean':>10} {'pfgen max':>10} {'mean':>10}")
+        for r in result["x0_vs_float32_reference"]:
+            a, b = r["reference"], r["pfgen"]
+            print(f"{r['chunk']:>5} {r['step']:>4} {a['max_abs']:>14.3e} {a['mean_abs']:>10.3e} "
+                  f"{b['max_abs']:>10.3e} {b['mean_abs']:>10.3e}")
     f = result["final_latents"]
     worst = max(result["x0"], key=lambda r: r["max_abs"])
     worst_kv = max(result["kv"], key=lambda r: r["max_abs"]) if result["kv"] else None

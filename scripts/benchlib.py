@@ -1,0 +1,167 @@
+"""Shared pieces of the benchmark scripts: shapes, random models, timers, memory probes, report rows."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADS = ROOT / "configs" / "heads"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    heads: int
+    head_dim: int
+    ffn: int
+    text_dim: int
+    freq_dim: int
+    height: int
+    width: int
+    chunks: int
+    dtype: str
+    heads_file: str
+    attention_heads: int  # heads of the single layer bench_attention times
+
+
+SHAPES = {
+    # Wan2.1-T2V-1.3B at 480x832 (1560 tokens/frame), 60 s = 80 chunks.
+    "full": Shape("full", 30, 12, 128, 8960, 4096, 256, 480, 832, 80, "bfloat16", "self-forcing-1.3b.json", 12),
+    # 4 layers of 3 heads x 128 at 240x416 (390 tokens/frame): attention ~70 % of FLOPs like the full model.
+    "cpu": Shape("cpu", 4, 3, 128, 2240, 4096, 256, 240, 416, 40, "float32", "bench-cpu-4x3.json", 12),
+    # Seconds, to keep the scripts from rotting (tests run it).
+    "tiny": Shape("tiny", 4, 4, 32, 256, 32, 32, 32, 48, 12, "float32", "tiny.json", 4),
+}
+
+
+def random_transformer(shape: Shape, device, dtype, seed: int = 0):
+    """A Wan transformer of the shape with random weights, cast like from_pretrained(torch_dtype=...)."""
+    from diffusers import WanTransformer3DModel
+
+    from pfgen.wan.components import place
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=shape.heads, attention_head_dim=shape.head_dim,
+            in_channels=16, out_channels=16, text_dim=shape.text_dim, freq_dim=shape.freq_dim, ffn_dim=shape.ffn,
+            num_layers=shape.layers, cross_attn_norm=True, eps=1e-6)
+    return place(model, device, dtype)
+
+
+def attention_layer_types(shape: Shape) -> list[str]:
+    """One layer's heads in the shipped proportions (5 wave, 6 anchor, 1 veil of 12), or the tiny mix."""
+    if shape.attention_heads == 12:
+        return ["wave", "anchor"] * 5 + ["anchor", "veil"]
+    return ["wave", "anchor", "veil", "anchor"][: shape.attention_heads]
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RegionTimer:
+    """Accumulates the time spent inside wrapped calls: CUDA events on a GPU (no syncs), clocks on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - t
+            return out
+
+        return timed
+
+    def take(self) -> float:
+        """Seconds accumulated since the last take (call after a sync)."""
+        total = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+        self.events, self.seconds = [], 0.0
+        return total
+
+
+class PeakRSS:
+    """Peak resident memory growth of this process while active (CPU runs), sampled every 2 ms."""
+
+    def __init__(self):
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        self.base = self.peak = self.current()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.current())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def append_markdown(path: Path, title: str, header: str, row: str) -> None:
+    """Append a row to the table under `## title`, creating the section (title, header) when missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks", "",
+                                                                   "Rows are appended by the scripts in scripts/."]
+    heading = f"## {title}"
+    if heading not in lines:
+        lines += ["", heading, "", *header.splitlines()]
+    end = lines.index(heading) + 1
+    while end < len(lines) and not lines[end].startswith("|"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
