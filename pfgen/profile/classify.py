@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TYPES = ("anchor", "wave", "veil")
+from pfgen.heads import HEAD_TYPES as TYPES
 
 RULE = (
     "1 wave if n_lags>=min_wave_lags, flip_rate>=min_flip_rate, periodic_energy>=min_periodic_energy, "
