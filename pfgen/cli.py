@@ -46,11 +46,19 @@ def _load_config(config, policy=None, backend=None, **model):
 
 @app.command()
 def generate(
-    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", "-p", help="what to generate"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+                                         help=f"what to generate (default: {DEFAULT_PROMPT!r})"),
     seconds: float = typer.Option(5.0, help="video length in seconds (latent frames round up to whole chunks)"),
     frames: Optional[int] = typer.Option(None, help="video length in frames instead of --seconds"),
-    output: Path = typer.Option(Path("pfgen.mp4"), "--output", "-o", help="mp4 to write"),
-    seed: int = typer.Option(0, help="random seed of the noise"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="mp4 to write (default: pfgen.mp4)"),
+    seed: int = typer.Option(0, help="random seed of the noise (with --prompts: prompt i uses seed + i)"),
+    prompts: Optional[Path] = typer.Option(
+        None, help="batch mode: one prompt per line (blank lines and # comments are skipped), or JSONL (.jsonl) "
+                   "with prompt and optional seed, seconds, name per line"),
+    output_dir: Optional[Path] = typer.Option(
+        None, help="batch mode: folder for one mp4 per prompt and manifest.jsonl; rerun to resume"),
+    policies: Optional[str] = typer.Option(
+        None, help="batch mode: comma-separated policies, each into its own sub-folder (e.g. rolling,pyramid)"),
     config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name (tiny, self-forcing, ...)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     heads: Optional[Path] = typer.Option(None, help="head-type JSON for --policy pyramid"),
@@ -66,10 +74,18 @@ def generate(
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
 ):
-    """Generate a video, streaming chunks into an mp4 as they are produced."""
+    """Generate a video, streaming chunks into an mp4 as they are produced.
+
+    Batch mode: --prompts FILE --output-dir DIR writes one mp4 per prompt and DIR/manifest.jsonl.
+    Rerun the same command to resume: finished videos are skipped, interrupted ones redone.
+    torchrun --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over N GPUs.
+    """
+    from pfgen.batch import check_options
     from pfgen.generate import check_output_path, check_video_size, frames_for_seconds
 
-    output = check_output_path(output, ".mp4")
+    batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
+    if not batch:
+        output = check_output_path(output or Path("pfgen.mp4"), ".mp4")
     check_video_size(height, width)
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
@@ -81,7 +97,14 @@ def generate(
     if frames is not None and frames < 1:
         raise PfgenError(f"--frames must be at least 1, got {frames}")
     num_frames = frames if frames is not None else frames_for_seconds(seconds, cfg.video.fps)
-    _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents)
+    if batch:
+        from pfgen.batch import BatchRequest, parse_policies, run_batch
+
+        request = BatchRequest(prompts.expanduser(), output_dir.expanduser(), parse_policies(policies), seed,
+                               num_frames, heads, height, width)
+        return run_batch(cfg, request, _console())
+    _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height, width,
+                  save_latents)
 
 
 def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents):

@@ -14,6 +14,7 @@ appends a row to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -49,6 +50,11 @@ def make_pipeline(shape, device, dtype, e2e: bool) -> Pipeline:
 def run_policy(pipe: Pipeline, policy: str, chunks: int, e2e: bool, seed: int = 0) -> dict:
     """Generate `chunks` chunks; time each chunk's DiT work (and decode + encode when e2e)."""
     device = pipe.device
+    pipe.state.cache = None  # free the previous policy's cache before measuring this one
+    pipe._cache_key = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     latent = chunks * pipe.config.sampling.frames_per_chunk
     embeds = torch.randn(1, 512, pipe.transformer.config.text_dim, generator=torch.Generator().manual_seed(seed))
     embeds[:, 77:] = 0
@@ -88,7 +94,7 @@ def run_policy(pipe: Pipeline, policy: str, chunks: int, e2e: bool, seed: int = 
         if writer is not None:
             writer.close()
     finally:
-        cache.attend, cache.begin_chunk = attend, begin
+        del cache.attend, cache.begin_chunk  # back to the class methods: no cycle keeps the cache alive
     frames_per_chunk_video = 4 * pipe.config.sampling.frames_per_chunk
     steady = dit[STEADY_FROM:] or dit
     result = {

@@ -4,7 +4,7 @@
 The reference (github guandeh17/Self-Forcing, a local checkout given with --reference) is imported from that
 path and run through its own `CausalInferencePipeline.inference`, `WanDiffusionWrapper` and `CausalWanModel`
 with a rolling KV cache (`local_attn_size`, `sink_size`). Nothing of it is copied here; the few things that
-cannot run without its multi-GB downloads or flash-attn are replaced at import time (SHIMS below). pfgen loads
+cannot run without its multi-GB downloads or flash-attn are replaced at import time (listed in SHIMS). pfgen loads
 the very same weights through its `.pt` checkpoint path, replays the reference's initial noise and re-noise
 draws, and the script compares every step's x0 and, after each chunk's clean pass, the K and V caches of
 every compared layer, frame by frame.
@@ -193,7 +193,7 @@ class ReferenceRecorder:
     cache (per compared layer, with the frame each cache row holds) after every clean pass."""
 
     def __init__(self, pipe, steps: int, frames_per_chunk: int, sink: int, kv_layers, replay=None):
-        self.pipe, self.steps, self.per_chunk, self.sink, self.kv_layers = pipe, steps, frames_per_chunk, sink, kv_layers
+        self.pipe, self.per_chunk, self.sink, self.kv_layers = pipe, frames_per_chunk, sink, kv_layers
         self.x0, self.eps, self.kv = [], [], []
         self.calls = 0
         forward, add_noise = pipe.generator.forward, pipe.scheduler.add_noise

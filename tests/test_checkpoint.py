@@ -116,31 +116,14 @@ def test_causal_forcing_fsdp_prefix_loads(tiny, tmp_path):
     assert_same_weights(load(path, ema=False), tiny)
 
 
-def plain_diffusers_load(folder):
-    """`WanTransformer3DModel.from_pretrained(folder)`. Without `accelerate` installed diffusers refuses to load
-    any model with `_keep_in_fp32_modules` (Wan's transformer), so do what it does by hand: config.json ->
-    from_config, every *.safetensors tensor assigned strictly."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.utils import is_accelerate_available
-
-    if is_accelerate_available():
-        return WanTransformer3DModel.from_pretrained(folder)
-    from safetensors.torch import load_file
-
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 def test_convert_writes_a_plain_diffusers_folder(tiny, pt, tmp_path):
     out = tmp_path / "converted"
     with pytest.raises(SystemExit) as exit_:
         cli_main(["convert", pt, "-o", str(out), "--num-heads", str(HEADS)])
     assert exit_.value.code == 0
-    plain = plain_diffusers_load(out)
+    from diffusers import WanTransformer3DModel
+
+    plain = WanTransformer3DModel.from_pretrained(out)
     assert_same_weights(plain, tiny)
     assert torch.equal(forward(plain), forward(tiny))
     assert_same_weights(load(out), tiny)

@@ -72,8 +72,9 @@ class KVCache:
 
     def begin_chunk(self, t0: int, frames: int) -> ChunkPlan:
         g = self.geometry
-        offsets = {kind: self.stores[0][kind].abs_offsets for kind in self.rules}
-        device = next(iter(self.stores[0].values())).k_abs.device
+        stores = {kind: store for layer in self.stores for kind, store in layer.items()}
+        offsets = {kind: store.abs_offsets for kind, store in stores.items()}
+        device = next(iter(stores.values())).k_abs.device
         self.plan = build_plan(self.rules, t0, frames, g.grid, g.head_dim, g.theta, offsets, device)
         return self.plan
 
