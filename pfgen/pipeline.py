@@ -21,6 +21,7 @@ from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
+from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
 from pfgen.wan.text import PromptEncoder
 
@@ -83,6 +84,7 @@ class Pipeline:
         self.config, self.device, self.dtype = config, device, dtype
         self.state = make_causal(transformer)
         self._cache_key = None
+        self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -122,8 +124,15 @@ class Pipeline:
         return [list(row) for row in types.types]
 
     def make_cache(self, policy: str, heads, batch: int, grid, max_frames: int) -> KVCache:
-        """A KV cache for one video; reused (reset) when the next video has the same shape."""
+        """A KV cache for one video; reused (reset) when the next video has the same shape.
+
+        The model's heads are reordered so that each type is contiguous (`wan.head_order`); the baselines
+        keep the original order, so what an observer sees under `rolling` is always in checkpoint order.
+        """
         types = self.head_types(policy, heads)
+        order = [grouped_order(row) for row in types]
+        self._head_order = set_head_order(self.transformer, self._head_order, order)
+        types = [[row[h] for h in layer_order] for row, layer_order in zip(types, order)]
         key = (policy, str(types), batch, grid, max_frames if policy == "full" else 0)
         if key != self._cache_key:
             try:

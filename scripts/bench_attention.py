@@ -41,18 +41,20 @@ def steady_cache(types, shape, grid, backend, dtype, device, frames_per_chunk=3)
     return cache
 
 
-def time_call(fn, device, repeat: int) -> float:
-    """Median seconds of fn() (synchronised)."""
-    for _ in range(3):
-        fn()
-    times = []
+def time_calls(fns: dict, device, repeat: int) -> dict:
+    """Median seconds of each fn(), measured round-robin so that drifting machine load hits all alike."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return median(times)
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: median(values) for name, values in times.items()}
 
 
 def key_tokens(cache) -> list[int]:
@@ -74,16 +76,13 @@ def run(shape_name: str, device, dtype, repeat: int) -> dict:
     heads, d = shape.attention_heads, shape.head_dim
     q, k, v = (torch.randn(1, 3 * n, heads, d, device=device, dtype=dtype) for _ in range(3))
     rope = frame_table(range(STEADY_T0, STEADY_T0 + 3), *grid, d, device=device)
-    results = {}
     dense_k = torch.randn(1, heads, 21 * n, d, device=device, dtype=dtype)
     dense_q = q.transpose(1, 2).contiguous()
-    results["dense_sdpa"] = time_call(lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_k), device,
-                                      repeat)
+    calls = {"dense_sdpa": lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_k)}
     layouts = {"rolling[split]": (["rolling"] * heads, "split")}
     for backend in ("split", "sdpa"):
         layouts[f"pyramid[{backend}]"] = (attention_layer_types(shape), backend)
-    tokens = {}
-    plan_seconds = []
+    tokens, plan_seconds = {}, []
     for name, (types, backend) in layouts.items():
         cache = steady_cache(types, shape, grid, backend, dtype, device)
         sync(device)
@@ -91,9 +90,9 @@ def run(shape_name: str, device, dtype, repeat: int) -> dict:
         cache.begin_chunk(STEADY_T0, 3)
         plan_seconds.append(time.perf_counter() - t)
         cache.set_pass(commit=False)
-        results[name] = time_call(lambda: cache.attend(0, q, k, v, rope), device, repeat)
+        calls[name] = lambda cache=cache: cache.attend(0, q, k, v, rope)
         tokens[name] = key_tokens(cache)
-        del cache
+    results = time_calls(calls, device, repeat)
     dense_flops = 4 * 3 * n * 21 * n * d * heads
     pyramid_flops = sum(4 * 3 * n * t * d for t in tokens["pyramid[split]"])
     rate = dense_flops / results["dense_sdpa"]

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchlib import HEADS, ROOT, SHAPES, PeakRSS, RegionTimer, append_markdown, device_name, median, \
+from benchlib import HEADS, ROOT, SHAPES, RegionTimer, append_markdown, device_name, median, \
     random_transformer, sync, today
 from pfgen.config import CacheConfig, Config, SamplingConfig, VideoConfig
 from pfgen.generate import format_bytes
@@ -47,70 +50,77 @@ def make_pipeline(shape, device, dtype, e2e: bool) -> Pipeline:
     return Pipeline(random_transformer(shape, device, dtype), vae, None, cfg, torch.device(device), dtype)
 
 
+def fresh_cache(pipe: Pipeline, policy: str, latent: int):
+    """Free the previous policy's cache before allocating this one, so peaks are not mixed."""
+    pipe.state.cache = None
+    pipe._cache_key = None
+    gc.collect()
+    if pipe.device.type == "cuda":
+        torch.cuda.empty_cache()
+    grid = pipe.latent_grid(pipe.config.video.height, pipe.config.video.width)
+    return pipe.make_cache(policy, None, 1, grid, latent)
+
+
 def run_policy(pipe: Pipeline, policy: str, chunks: int, e2e: bool, seed: int = 0) -> dict:
     """Generate `chunks` chunks; time each chunk's DiT work (and decode + encode when e2e)."""
     device = pipe.device
-    pipe.state.cache = None  # free the previous policy's cache before measuring this one
-    pipe._cache_key = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     latent = chunks * pipe.config.sampling.frames_per_chunk
     embeds = torch.randn(1, 512, pipe.transformer.config.text_dim, generator=torch.Generator().manual_seed(seed))
     embeds[:, 77:] = 0
-    generator = torch.Generator(device=device).manual_seed(seed)
-    cache = pipe.make_cache(policy, None, 1, pipe.latent_grid(pipe.config.video.height, pipe.config.video.width),
-                            latent)
+    cache = fresh_cache(pipe, policy, latent)
     attention, plan = RegionTimer(device), RegionTimer("cpu")
-    attend, begin = cache.attend, cache.begin_chunk
-    cache.attend, cache.begin_chunk = attention.wrap(attend), plan.wrap(begin)
+    cache.attend, cache.begin_chunk = attention.wrap(cache.attend), plan.wrap(cache.begin_chunk)
     writer = _writer(pipe) if e2e else None
-    dit, attn, planned, decode, dit_peak, vae_peak = [], [], [], [], 0, 0
+    m = {"dit": [], "attn": [], "plan": [], "decode": [], "dit_peak": 0, "vae_peak": 0, "first_frame": None}
     try:
         _reset_peak(device)
-        with PeakRSS() as rss:
-            start = time.perf_counter()
-            first_frame = None
-            stream = pipe.stream(prompt_embeds=embeds, num_frames=1 + 4 * (latent - 1), generator=generator,
-                                 policy=policy, decode=False)
-            for chunk in stream:
-                sync(device)
-                t_dit = time.perf_counter()
-                dit.append(t_dit - (start if not dit else t_prev))
-                attn.append(attention.take())
-                planned.append(plan.take())
-                dit_peak = max(dit_peak, _peak(device))
-                if writer is not None:
-                    frames = _frames(pipe, chunk.latents)
-                    writer.write(frames)
-                    if first_frame is None:
-                        _wait(frames)
-                        first_frame = time.perf_counter() - start
-                    vae_peak = max(vae_peak, _peak(device))
-                _reset_peak(device)  # the next reading covers only the next chunk's DiT work
-                t_prev = time.perf_counter()
-                decode.append(t_prev - t_dit)
-            total = time.perf_counter() - start
+        start = last = time.perf_counter()
+        for chunk in pipe.stream(prompt_embeds=embeds, num_frames=1 + 4 * (latent - 1), policy=policy,
+                                 generator=torch.Generator(device=device).manual_seed(seed), decode=False):
+            sync(device)
+            dit_end = time.perf_counter()
+            m["dit"].append(dit_end - last)
+            m["attn"].append(attention.take())
+            m["plan"].append(plan.take())
+            m["dit_peak"] = max(m["dit_peak"], _peak(device))
+            if writer is not None:
+                _decode_and_write(pipe, writer, chunk, m, start)
+            _reset_peak(device)  # the next reading covers only the next chunk's DiT work
+            last = time.perf_counter()
+            m["decode"].append(last - dit_end)
+        total = time.perf_counter() - start
         if writer is not None:
             writer.close()
     finally:
         del cache.attend, cache.begin_chunk  # back to the class methods: no cycle keeps the cache alive
-    frames_per_chunk_video = 4 * pipe.config.sampling.frames_per_chunk
-    steady = dit[STEADY_FROM:] or dit
+    return _result(pipe, policy, chunks, cache, m, total if e2e else None)
+
+
+def _decode_and_write(pipe, writer, chunk, m: dict, start: float) -> None:
+    frames = _frames(pipe, chunk.latents)
+    writer.write(frames)
+    if m["first_frame"] is None:
+        _wait(frames)
+        m["first_frame"] = time.perf_counter() - start
+    m["vae_peak"] = max(m["vae_peak"], _peak(pipe.device))
+
+
+def _result(pipe, policy: str, chunks: int, cache, m: dict, e2e_total: float | None) -> dict:
+    steady = m["dit"][STEADY_FROM:] or m["dit"]
+    tail = lambda key: m[key][STEADY_FROM:] or m[key]  # noqa: E731
     result = {
         "policy": policy, "chunks": chunks,
-        "ms_per_chunk_steady": 1000 * median(steady), "ms_first_chunk": 1000 * dit[0],
-        "dit_fps": frames_per_chunk_video / median(steady),
-        "attention_share": median([a / d for a, d in zip(attn[STEADY_FROM:] or attn, steady)]),
-        "plan_share": median([p / d for p, d in zip(planned[STEADY_FROM:] or planned, steady)]),
-        "peak_memory_bytes": dit_peak if device.type == "cuda" else rss.growth,
-        "memory_kind": "cuda max allocated (DiT)" if device.type == "cuda" else "process RSS growth",
+        "ms_per_chunk_steady": 1000 * median(steady), "ms_first_chunk": 1000 * m["dit"][0],
+        "dit_fps": 4 * pipe.config.sampling.frames_per_chunk / median(steady),
+        "attention_share": median([a / d for a, d in zip(tail("attn"), steady)]),
+        "plan_share": median([p / d for p, d in zip(tail("plan"), steady)]),
+        "peak_memory_bytes": m["dit_peak"], "memory_kind": "cuda max allocated (DiT)",
+        "kv_cache_bytes": cache.nbytes(),
     }
-    if e2e:
-        frames = 1 + 4 * (latent - 1)
-        result.update(e2e_fps=frames / total, time_to_first_frame_s=first_frame,
-                      decode_ms_steady=1000 * median(decode[STEADY_FROM:] or decode),
-                      peak_memory_vae_bytes=vae_peak)
+    if e2e_total is not None:
+        frames = 1 + 4 * (chunks * pipe.config.sampling.frames_per_chunk - 1)
+        result.update(e2e_fps=frames / e2e_total, time_to_first_frame_s=m["first_frame"],
+                      decode_ms_steady=1000 * median(tail("decode")), peak_memory_vae_bytes=m["vae_peak"])
     return result
 
 
@@ -181,15 +191,29 @@ def print_summary(r: dict) -> None:
           f"of ideal; peak memory ratio {r['memory_ratio']:.3f}")
 
 
-def memory_check(shape, device, dtype, minutes: float) -> dict:
-    """Pyramid peak memory at 60 s and at `minutes` of video (same process, DiT only)."""
+def memory_run(shape, device, dtype, seconds: float, policy: str = "pyramid") -> int:
+    """Peak memory of one run of `seconds` of video in this (fresh) process, DiT only: CUDA max
+    allocated, or the process's peak RSS on a CPU."""
     pipe = make_pipeline(shape, device, dtype, e2e=False)
-    out = {}
-    for seconds in (60, 60 * minutes):
-        chunks = int(seconds * 16 / 4 / 3)
-        out[f"{seconds:.0f}s"] = run_policy(pipe, "pyramid", chunks, e2e=False)["peak_memory_bytes"]
+    run_policy(pipe, policy, int(seconds * 16 / 4 / 3), e2e=False)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_peak(flags: list[str], seconds: float, policy: str = "pyramid") -> int:
+    """Peak memory of a run in a fresh process: a process's peak RSS cannot be reset, so CPU runs that
+    must be compared each get their own."""
+    cmd = [sys.executable, __file__, *flags, "--memory-run", str(seconds), "--memory-policy", policy]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def memory_check(flags: list[str], minutes: float) -> dict:
+    """Pyramid peak memory at 60 s and at `minutes` of video, each in its own process."""
+    out = {f"{s:.0f}s": child_peak(flags, s) for s in (60, 60 * minutes)}
     values = list(out.values())
-    out["ratio"] = values[1] / max(1, values[0])
+    out["ratio"] = values[1] / values[0]
     print(f"pyramid peak memory: {', '.join(f'{k}: {format_bytes(v)}' for k, v in out.items() if k != 'ratio')}"
           f" (ratio {out['ratio']:.4f})")
     return out
@@ -206,6 +230,8 @@ def main() -> None:
                         help="include VAE decode + mp4 encoding (default: on for --shape full)")
     parser.add_argument("--memory-minutes", type=float, default=None,
                         help="instead: pyramid peak memory at 60 s vs this many minutes")
+    parser.add_argument("--memory-run", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-policy", default="pyramid", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-markdown", action="store_true")
@@ -213,15 +239,24 @@ def main() -> None:
     shape = SHAPES["tiny" if args.tiny else args.shape]
     dtype = getattr(torch, args.dtype or shape.dtype)
     device = torch.device(args.device)
+    if args.memory_run:
+        print(memory_run(shape, device, dtype, args.memory_run, args.memory_policy))
+        return
+    flags = ["--tiny"] if args.tiny else ["--shape", args.shape]
+    flags += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     if args.memory_minutes:
         report = {"shape": shape.name, "device": device_name(device), "date": today(),
-                  "memory": memory_check(shape, device, dtype, args.memory_minutes)}
+                  "memory": memory_check(flags, args.memory_minutes)}
     else:
         e2e = args.e2e if args.e2e is not None else shape.name == "full"
         pipe = make_pipeline(shape, device, dtype, e2e)
         chunks = args.chunks or shape.chunks
         run_policy(pipe, "rolling", min(chunks, 3), e2e=False)  # warm-up: kernels, allocator, caches
         results = {policy: run_policy(pipe, policy, chunks, e2e) for policy in ("rolling", "pyramid")}
+        if device.type != "cuda":  # peak RSS per policy needs a process each (12 chunks reach steady state)
+            for policy, result in results.items():
+                result["peak_memory_bytes"] = child_peak(flags, 12 * 3 * 4 / 16, policy)
+                result["memory_kind"] = "process peak RSS (own process, 12 chunks)"
         report = summarise(shape, results, device, dtype)
         print_summary(report)
         if not args.no_markdown:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import platform
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +58,11 @@ def random_transformer(shape: Shape, device, dtype, seed: int = 0):
 
 
 def attention_layer_types(shape: Shape) -> list[str]:
-    """One layer's heads in the shipped proportions (5 wave, 6 anchor, 1 veil of 12), or the tiny mix."""
+    """One layer's heads in the shipped proportions (5 wave, 6 anchor, 1 veil of 12), or the tiny mix,
+    grouped by type as the pipeline orders them (wan.head_order)."""
     if shape.attention_heads == 12:
-        return ["wave", "anchor"] * 5 + ["anchor", "veil"]
-    return ["wave", "anchor", "veil", "anchor"][: shape.attention_heads]
+        return ["wave"] * 5 + ["anchor"] * 6 + ["veil"]
+    return ["wave", "anchor", "anchor", "veil"][: shape.attention_heads]
 
 
 def sync(device) -> None:
@@ -99,40 +99,6 @@ class RegionTimer:
         total = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
         self.events, self.seconds = [], 0.0
         return total
-
-
-class PeakRSS:
-    """Peak resident memory growth of this process while active (CPU runs), sampled every 2 ms."""
-
-    def __init__(self):
-        self.base = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def __enter__(self):
-        self.base = self.peak = self.current()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.current())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
 
 def median(values) -> float:

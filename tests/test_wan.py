@@ -140,3 +140,18 @@ def test_pipeline_policies_run_and_full_equals_rolling_within_window():
     rolling = pipe("a kite", policy="rolling", generator=torch.Generator().manual_seed(1), **common).latents
     assert full.shape == (1, 16, 9, 4, 6)
     torch.testing.assert_close(full, rolling, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_grouped_by_type_give_the_same_video(monkeypatch):
+    """The pyramid reorders each layer's heads so types are contiguous; that must not change the result,
+    and a baseline run puts the checkpoint order back."""
+    import pfgen.pipeline
+
+    pipe = pfgen.load_pipeline()
+    common = dict(num_frames=45, output_type="latent", height=32, width=48, policy="pyramid")
+    grouped = pipe("a kite", generator=torch.Generator().manual_seed(2), **common).latents
+    assert any(order != [0, 1, 2, 3] for order in pipe._head_order)
+    monkeypatch.setattr(pfgen.pipeline, "grouped_order", lambda row: list(range(len(row))))
+    plain = pipe("a kite", generator=torch.Generator().manual_seed(2), **common).latents
+    assert pipe._head_order == [[0, 1, 2, 3]] * 4
+    torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)

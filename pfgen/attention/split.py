@@ -42,9 +42,10 @@ def attention_lse_math(q, k, v):
 
 def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
     """Exact softmax over the union of two key sets, from each part's output and log-sum-exp: part 2 has
-    weight exp(lse2) / (exp(lse1) + exp(lse2)) = sigmoid(lse2 - lse1)."""
-    weight = torch.sigmoid(lse2 - lse1).unsqueeze(-1)
-    return torch.lerp(o1.float(), o2.float(), weight).to(o1.dtype)
+    weight exp(lse2) / (exp(lse1) + exp(lse2)) = sigmoid(lse2 - lse1). Two full-size kernels; the weight is
+    rounded to the output dtype (in bfloat16 that is below the output's own rounding)."""
+    weight = torch.sigmoid(lse2 - lse1).unsqueeze(-1).to(o1.dtype)
+    return torch.addcmul(o1, o2 - o1, weight)
 
 
 def _hist_part(g: Group, store: RuleStore, q_raw: torch.Tensor, n: int):

@@ -49,6 +49,11 @@ class LogitRecorder:
         for t in [t for t in self.key_means[layer] if t not in keep]:
             del self.key_means[layer][t]
 
+    def nbytes(self) -> int:
+        """Memory the recorder holds (accumulators and the mean keys it keeps)."""
+        means = sum(t.numel() * t.element_size() for layer in self.key_means for t in layer.values())
+        return self.sum.numel() * 4 + self.count.numel() * 4 + means
+
     def frame_logits(self) -> torch.Tensor:
         """(layers, heads, T, T) float32 on the CPU, NaN where t_k was never visible to t_q."""
         mean = self.sum / self.count.clamp(min=1)
