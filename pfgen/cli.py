@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DEFAULT_PROMPT = "a red kite over the sea"
 POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all history), pyramid (head-aware)"
 
+# Options shared by several commands.
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="YAML config, or a bundled name (tiny, "
+                                                                   "self-forcing, ...)")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
+                                                                           "or diffusers folder")]
+WanDirOpt = Annotated[Optional[Path], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
+                                                                     "encoder, tokenizer, VAE)")]
+EmaOpt = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="EMA weights of a .pt checkpoint")]
+NumHeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="attention heads (default: width / 128)")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", help="video height (multiple of 16)")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="video width (multiple of 16)")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16")]
+
 
 def _console():
     from rich.console import Console
@@ -28,12 +42,8 @@ def _console():
     return Console(stderr=True)
 
 
-def _model_overrides(checkpoint, wan_dir, ema, num_heads, text_encoder_device) -> dict:
-    return dict(checkpoint=checkpoint, wan_dir=wan_dir, ema=ema, num_heads=num_heads,
-                text_encoder_device=text_encoder_device)
-
-
-def _load_config(config, policy=None, backend=None, **model):
+def _load_config(config, policy=None, backend=None, device=None, dtype=None, **model):
+    """The config file with the command line's overrides (None = keep the file's value)."""
     from pfgen.config import load_config, with_overrides
     from pfgen.pipeline import POLICIES
 
@@ -41,7 +51,8 @@ def _load_config(config, policy=None, backend=None, **model):
         raise PfgenError(f"unknown policy '{policy}'", f"choose from {', '.join(POLICIES)}")
     cfg = load_config(config)
     model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v else v) for k, v in model.items()}
-    return with_overrides(cfg, model=model, cache=dict(policy=policy, backend=backend))
+    return with_overrides(cfg, model=model, cache=dict(policy=policy, backend=backend),
+                          runtime=dict(device=device, dtype=dtype))
 
 
 @app.command()
@@ -59,17 +70,17 @@ def generate(
         None, help="batch mode: folder for one mp4 per prompt and manifest.jsonl; rerun to resume"),
     policies: Optional[str] = typer.Option(
         None, help="batch mode: comma-separated policies, each into its own sub-folder (e.g. rolling,pyramid)"),
-    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name (tiny, self-forcing, ...)"),
+    config: ConfigOpt = None,
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     heads: Optional[Path] = typer.Option(None, help="head-type JSON for --policy pyramid"),
-    height: Optional[int] = typer.Option(None, help="video height (multiple of 16)"),
-    width: Optional[int] = typer.Option(None, help="video width (multiple of 16)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    checkpoint: Optional[Path] = typer.Option(None, help="Self Forcing / Causal Forcing .pt or diffusers folder"),
-    wan_dir: Optional[Path] = typer.Option(None, help="Wan2.1-T2V-1.3B diffusers folder (text encoder, VAE)"),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
-    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    checkpoint: CheckpointOpt = None,
+    wan_dir: WanDirOpt = None,
+    ema: EmaOpt = None,
+    num_heads: NumHeadsOpt = None,
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
@@ -89,11 +100,8 @@ def generate(
     check_video_size(height, width)
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
-    cfg = _load_config(config, policy, backend,
-                       **_model_overrides(checkpoint, wan_dir, ema, num_heads, text_encoder_device))
-    from pfgen.config import with_overrides
-
-    cfg = with_overrides(cfg, runtime=dict(device=device, dtype=dtype))
+    cfg = _load_config(config, policy, backend, device, dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
+                       num_heads=num_heads, text_encoder_device=text_encoder_device)
     if frames is not None and frames < 1:
         raise PfgenError(f"--frames must be at least 1, got {frames}")
     num_frames = frames if frames is not None else frames_for_seconds(seconds, cfg.video.fps)
@@ -128,7 +136,7 @@ def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, s
 
 @app.command("inspect-cache")
 def inspect_cache(
-    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name"),
+    config: ConfigOpt = None,
     heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
     frame: int = typer.Option(100, help="query frame (latent) to show"),
@@ -167,18 +175,18 @@ def inspect_cache(
 @app.command("profile-heads")
 def profile_heads(
     output: Path = typer.Option(..., "--output", "-o", help="head-type JSON to write"),
-    config: Optional[str] = typer.Option(None, help="YAML config, or a bundled name"),
-    checkpoint: Optional[Path] = typer.Option(None, help="Self Forcing / Causal Forcing .pt or diffusers folder"),
-    wan_dir: Optional[Path] = typer.Option(None, help="Wan2.1-T2V-1.3B diffusers folder"),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
-    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    wan_dir: WanDirOpt = None,
+    ema: EmaOpt = None,
+    num_heads: NumHeadsOpt = None,
     prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: 32 built in)"),
     seconds: float = typer.Option(15.0, help="video length per calibration prompt"),
     seed: int = typer.Option(0, help="noise seed of the first prompt (prompt i uses seed + i)"),
-    height: Optional[int] = typer.Option(None, help="calibration video height"),
-    width: Optional[int] = typer.Option(None, help="calibration video width"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     stats_out: Optional[Path] = typer.Option(None, help="also save the frame-logit statistics (safetensors)"),
     from_stats: Optional[Path] = typer.Option(None, help="classify saved statistics without loading a model"),
     work_dir: Optional[Path] = typer.Option(None, help="per-prompt statistics, for resuming (default: OUTPUT.parts)"),
@@ -197,10 +205,8 @@ def profile_heads(
         if path is not None:
             check_output_path(path, suffix)
     check_video_size(height, width)
-    cfg = _load_config(config, **_model_overrides(checkpoint, wan_dir, ema, num_heads, None))
-    from pfgen.config import with_overrides
-
-    cfg = with_overrides(cfg, runtime=dict(device=device, dtype=dtype))
+    cfg = _load_config(config, device=device, dtype=dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
+                       num_heads=num_heads)
     req = ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir, tuple(threshold), plot,
                          compare, height, width)
     from pfgen.ui import calibration_progress, print_agreement, print_head_counts
@@ -228,7 +234,7 @@ def convert(
     checkpoint: Path = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights)"),
     output: Path = typer.Option(..., "--output", "-o", help="diffusers transformer folder to create"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
-    num_heads: Optional[int] = typer.Option(None, help="attention heads (default: width / 128)"),
+    num_heads: NumHeadsOpt = None,
     dtype: str = typer.Option("float32", help="dtype of the written tensors (float32 keeps them bit-exact)"),
 ):
     """Write a diffusers `WanTransformer3DModel` folder (config.json + safetensors) from a checkpoint."""

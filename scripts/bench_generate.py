@@ -182,7 +182,7 @@ def print_summary(r: dict) -> None:
     for name, p in r["policies"].items():
         line = (f"  {name:8s} {p['ms_per_chunk_steady']:9.1f} ms/chunk (first {p['ms_first_chunk']:.1f}), "
                 f"{p['dit_fps']:6.1f} DiT fps, attention {p['attention_share']:.0%}, plan {p['plan_share']:.1%}, "
-                f"peak {format_bytes(p['peak_memory_bytes'])}")
+                f"peak {format_bytes(p['peak_memory_bytes'])}, KV cache {format_bytes(p['kv_cache_bytes'])}")
         if "e2e_fps" in p:
             line += f", e2e {p['e2e_fps']:.1f} fps, first frame {p['time_to_first_frame_s']:.2f} s"
         print(line)
@@ -270,12 +270,13 @@ def _markdown_row(path: Path, r: dict, e2e: bool) -> None:
     e2e_cell = f"{ro['e2e_fps']:.1f} / {py['e2e_fps']:.1f}" if e2e else "-"
     append_markdown(path, "bench_generate.py (whole chunks, rolling-21 vs pyramid)",
                     "| date | device | torch | shape | dtype | rolling ms/chunk | pyramid ms/chunk | speedup | ideal | "
-                    "attention share s | key fraction f | peak rolling | peak pyramid | e2e fps r / p |\n"
-                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                    "attention share s | key fraction f | peak rolling | peak pyramid | KV rolling | KV pyramid | "
+                    "e2e fps r / p |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                     f"| {r['date']} | {r['device']} | {r['torch']} | {r['shape']} | {r['dtype']} | "
                     f"{ro['ms_per_chunk_steady']:.1f} | {py['ms_per_chunk_steady']:.1f} | {r['speedup']:.2f}x | "
                     f"{r['ideal_speedup']:.2f}x | {r['attention_share_rolling']:.2f} | {r['key_fraction']:.3f} | "
-                    f"{format_bytes(ro['peak_memory_bytes'])} | {format_bytes(py['peak_memory_bytes'])} | {e2e_cell} |")
+                    f"{format_bytes(ro['peak_memory_bytes'])} | {format_bytes(py['peak_memory_bytes'])} | "
+                    f"{format_bytes(ro['kv_cache_bytes'])} | {format_bytes(py['kv_cache_bytes'])} | {e2e_cell} |")
 
 
 if __name__ == "__main__":
