@@ -45,10 +45,12 @@ def format_bytes(n: int) -> str:
 
 
 def frames_for_seconds(seconds: float, fps: int) -> int:
-    """Video frames for a duration (the latent count is then rounded up to whole chunks)."""
+    """Video frames for a duration: seconds x fps / 4 latent frames (DESIGN: 5 s -> 20, rounded up to 21 by
+    the chunks; 60 s -> 240), i.e. 1 + 4 (T - 1) video frames."""
     if not math.isfinite(seconds) or seconds <= 0:
         raise PfgenError(f"--seconds must be a positive number, got {seconds}")
-    return max(1, round(seconds * fps))
+    latent = max(1, math.ceil(seconds * fps / 4 - 1e-9))
+    return 1 + 4 * (latent - 1)
 
 
 def check_output_path(path: str | Path, suffix: str | None = None) -> Path:

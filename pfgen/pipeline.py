@@ -155,10 +155,12 @@ class Pipeline:
 
     def stream(self, prompt=None, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
-               decode: bool = True, on_step=None, observer=None) -> Iterator[ChunkOutput]:
+               decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None
+               ) -> Iterator[ChunkOutput]:
         """Yield each chunk's latents (and decoded frames) as soon as they exist.
 
-        `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling)."""
+        `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling);
+        `noise` replaces the noise drawn from `generator` / `latents` (e.g. to replay another run's draws)."""
         if (prompt is None) == (prompt_embeds is None):
             raise PfgenError("give exactly one of prompt and prompt_embeds")
         embeds = self.encode_prompt(prompt) if prompt is not None else prompt_embeds.to(self.device, self.dtype)
@@ -169,8 +171,8 @@ class Pipeline:
         if latents is not None:
             total = self._check_latents(latents, embeds.shape[0], grid)
         cache = self.make_cache(policy or self.config.cache.policy, heads, embeds.shape[0], grid, total)
-        noise = NoiseSource((embeds.shape[0], self.transformer.config.in_channels, *grid), self.device, self.dtype,
-                            generator, latents)
+        noise = noise or NoiseSource((embeds.shape[0], self.transformer.config.in_channels, *grid), self.device,
+                                     self.dtype, generator, latents)
         decoder = StreamingDecoder(self.vae) if decode else None
         if decoder:
             decoder.reset()

@@ -269,16 +269,14 @@ def run_pfgen(args, shape, checkpoint_path, noise, embeds, eps, device, dtype, r
     pipe = pipeline_mod.Pipeline(transformer, None, None, cfg, torch.device(device), dtype)
     x0 = {}
     kv_rows = []
-    pipeline_mod.NoiseSource = ReplayNoise  # Pipeline.stream builds its NoiseSource by this name
-    try:
-        stream = pipe.stream(prompt_embeds=embeds, latents=noise.permute(0, 2, 1, 3, 4), height=shape["height"],
-                             width=shape["width"], decode=False, policy="rolling",
-                             on_step=lambda c, s, x: x0.__setitem__((c, s), x.detach().cpu()))
-        for chunk in stream:
-            if chunk.index < len(ref_kv) and chunk.index < args.chunks - 1:  # pfgen skips the last clean pass
-                kv_rows += compare_kv(pipe.state.cache, ref_kv[chunk.index], shape["tokens"])
-    finally:
-        pipeline_mod.NoiseSource = NoiseSource
+    latents = noise.permute(0, 2, 1, 3, 4)
+    replay = ReplayNoise((1, latents.shape[1], *latents.shape[3:]), torch.device(device), dtype, None, latents)
+    stream = pipe.stream(prompt_embeds=embeds, latents=latents, height=shape["height"], width=shape["width"],
+                         decode=False, policy="rolling", noise=replay,
+                         on_step=lambda c, s, x: x0.__setitem__((c, s), x.detach().cpu()))
+    for chunk in stream:
+        if chunk.index < len(ref_kv) and chunk.index < args.chunks - 1:  # pfgen skips the last clean pass
+            kv_rows += compare_kv(pipe.state.cache, ref_kv[chunk.index], shape["tokens"])
     assert not eps, f"{len(eps)} recorded re-noise draws were not used"
     return x0, kv_rows
 
