@@ -1,8 +1,9 @@
 """The few-step chunk loop: per chunk, the denoising passes over the cache, then one clean pass that commits.
 
 Flow matching: the model predicts v; x0 = x_t - sigma * v (float64, as the reference does); the next step
-re-noises x0 with fresh noise at the next sigma (float32, as the reference does). The last x0 is the chunk's output; the clean pass at
-`context_timestep` then writes the chunk's own K/V into the cache for the chunks after it.
+re-noises x0 with fresh noise at the next sigma (float32, as the reference does). The last x0 is the chunk's
+output; the clean pass at `context_timestep` then writes the chunk's own K/V into the cache for the chunks
+after it.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ def chunk_progress(console, fps: int):
             latent_done = chunk.t0 + per_chunk
             frames_done = 1 + 4 * (latent_done - 1)
             frames_total = 1 + 4 * (total_chunks * per_chunk - 1)
-            progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks, video=frames_done / fps,
-                            video_total=frames_total / fps, fps=frames_done / (time.perf_counter() - start))
+            progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks,
+                            video=frames_done / fps, video_total=frames_total / fps,
+                            fps=frames_done / (time.perf_counter() - start))
 
         yield on_chunk
 

@@ -76,8 +76,8 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2))
     if not args.no_markdown:
         append_markdown(args.markdown, "bench_profile.py (profile-heads capture vs plain generation)",
-                        "| date | device | torch | shape | dtype | video s | plain s | capture s | overhead | memory |\n"
-                        "|---|---|---|---|---|---|---|---|---|---|",
+                        "| date | device | torch | shape | dtype | video s | plain s | capture s | overhead | "
+                        "memory |\n|---|---|---|---|---|---|---|---|---|---|",
                         f"| {report['date']} | {report['device']} | {report['torch']} | {shape.name} | {dtype} | "
                         f"{args.seconds:.0f} | {plain_s:.2f} | {capture_s:.2f} | {report['overhead']:+.1%} | "
                         f"{memory} |")

@@ -81,7 +81,7 @@ def run_engine(cfg, types, grid, chunks, frames_per_chunk, backend, seed=0, head
     results = []
     for c in range(chunks):
         t0 = c * frames_per_chunk
-        plan = cache.begin_chunk(t0, frames_per_chunk)
+        cache.begin_chunk(t0, frames_per_chunk)
         rope = frame_table(range(t0, t0 + frames_per_chunk), *grid, heads_dim, device=DEVICE)
         for p in range(3):
             q, k, v = (torch.randn(1, frames_per_chunk * n, heads, heads_dim, generator=g) for _ in range(3))

@@ -217,7 +217,8 @@ def test_threshold_overrides_are_checked():
         Thresholds.from_overrides({"veil_max_middle": 0.9})
     th = Thresholds.from_overrides({"period_min": 5, "min_wave_lags": 10})
     assert th.period_min == 5.0 and isinstance(th.period_min, float) and th.min_wave_lags == 10
-    assert Thresholds.parse_overrides(["period_max=7.5", "min_wave_lags=9"]) == Thresholds(period_max=7.5, min_wave_lags=9)
+    parsed = Thresholds.parse_overrides(["period_max=7.5", "min_wave_lags=9"])
+    assert parsed == Thresholds(period_max=7.5, min_wave_lags=9)
     with pytest.raises(ValueError, match="unknown threshold 'nope'"):
         Thresholds.parse_overrides(["nope=1"])
 

@@ -1,8 +1,9 @@
 """Per-(layer, head type) K/V memory and the commit operations that `cache.policy` emits.
 
 Layout, for n heads of one type: region abs (B, tokens, n, D) and region hist (partitions, B, tokens, n, D),
-slot after slot (token-major like the model's (B, L, heads, D), so attention reads them as free views); merged blocks keep fp32 accumulators. Keys are stored rotated: abs at their own (t, y, x),
-hist at (0, y, x) so that any temporal position can be given at read time without touching the store.
+slot after slot, token-major like the model's (B, L, heads, D) so that attention reads them as free views;
+merged blocks keep fp32 accumulators. Keys are stored rotated: abs at their own (t, y, x), hist at (0, y, x),
+so that any temporal position can be given at read time without touching the store.
 All indexing uses Python ints from the plan: no host syncs.
 """
 

@@ -1,0 +1,177 @@
+"""The prompt suite of batch mode: reading prompts files, naming videos, planning (policy, prompt) jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from pfgen.config import Config, to_dict, with_overrides
+from pfgen.errors import PfgenError
+
+JSONL_KEYS = ("prompt", "seed", "seconds", "name")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    index: int  # position among the prompts (blank and comment lines not counted)
+    prompt: str
+    seed: int
+    num_frames: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """One video: a prompt under a policy, and the manifest fields that identify it."""
+    item: BatchItem
+    policy: str
+    file: str  # relative to the output folder
+    request: dict
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    prompts: Path
+    output_dir: Path
+    policies: tuple[str, ...] | None  # None: the config's policy, videos directly in output_dir
+    seed: int
+    num_frames: int
+    heads: Path | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+def check_options(prompt, prompts, output, output_dir, policies, policy, save_latents) -> bool:
+    """True for batch mode; conflicting single-video and batch options are a one-line error."""
+    if prompts is None:
+        for name, value in (("--output-dir", output_dir), ("--policies", policies)):
+            if value is not None:
+                raise PfgenError(f"{name} needs --prompts FILE", "or use --prompt and --output for one video")
+        return False
+    for name, value, hint in (("--prompt", prompt, "put it in the prompts file"),
+                              ("--output", output, "batch mode writes into --output-dir"),
+                              ("--save-latents", save_latents, "it is for single videos")):
+        if value is not None:
+            raise PfgenError(f"{name} cannot be combined with --prompts", hint)
+    if policy is not None and policies is not None:
+        raise PfgenError("give --policy or --policies, not both")
+    if output_dir is None:
+        raise PfgenError("--prompts needs --output-dir", "the folder for the videos and manifest.jsonl")
+    return True
+
+
+def parse_policies(text: str | None) -> tuple[str, ...] | None:
+    from pfgen.pipeline import POLICIES
+
+    if text is None:
+        return None
+    names = tuple(p.strip() for p in text.split(","))
+    for name in names:
+        if name not in POLICIES:
+            raise PfgenError(f"unknown policy '{name}' in --policies", f"choose from {', '.join(POLICIES)}")
+    if len(set(names)) != len(names):
+        raise PfgenError(f"--policies {text} names a policy twice")
+    return names
+
+
+def read_prompts(path: Path, base_seed: int, num_frames: int, fps: int) -> list[BatchItem]:
+    """Plain text (one prompt per line; blank lines and # comments skipped) or JSONL (one object per line)."""
+    from pfgen.generate import frames_for_seconds
+
+    if not path.is_file():
+        raise PfgenError(f"prompts file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PfgenError(f"prompts file {path} is not UTF-8 text") from None
+    first = next((s.strip() for s in lines if s.strip()), "")
+    jsonl = path.suffix.lower() == ".jsonl" or first.startswith("{")
+    items, names = [], {}
+    for number, text in enumerate(lines, 1):
+        text = text.strip()
+        if not text or (not jsonl and text.startswith("#")):
+            continue
+        where = f"{path}, line {number}"
+        fields = _jsonl_fields(text, where) if jsonl else {"prompt": text}
+        index = len(items)
+        seconds = fields.get("seconds")
+        frames = num_frames if seconds is None else frames_for_seconds(seconds, fps)
+        name = fields.get("name") or _default_name(index, fields["prompt"])
+        if name.lower() in names:
+            raise PfgenError(f"{where}: name '{name}' is already used on line {names[name.lower()]}",
+                             "names must be unique (they are the file names)")
+        names[name.lower()] = number
+        items.append(BatchItem(index, fields["prompt"], fields.get("seed", base_seed + index), frames, name))
+    if not items:
+        raise PfgenError(f"prompts file {path} holds no prompts", "write one prompt per line")
+    return items
+
+
+def _jsonl_fields(text: str, where: str) -> dict:
+    """One JSONL line, checked field by field (unknown keys are errors: a typo must not be ignored)."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PfgenError(f"{where}: not valid JSON ({exc.msg})", "write one JSON object per line") from None
+    if not isinstance(fields, dict):
+        raise PfgenError(f"{where}: expected a JSON object with a \"prompt\"")
+    unknown = sorted(set(fields) - set(JSONL_KEYS))
+    if unknown:
+        raise PfgenError(f"{where}: unknown key '{unknown[0]}'", f"known keys: {', '.join(JSONL_KEYS)}")
+    prompt, seed, seconds, name = (fields.get(k) for k in JSONL_KEYS)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PfgenError(f"{where}: \"prompt\" must be a non-empty string")
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 2 ** 63):
+        raise PfgenError(f"{where}: \"seed\" must be a non-negative integer, got {seed!r}")
+    if seconds is not None and (type(seconds) not in (int, float) or not 0 < seconds < float("inf")):
+        raise PfgenError(f"{where}: \"seconds\" must be a positive number, got {seconds!r}")
+    if name is not None and (not isinstance(name, str) or not NAME.fullmatch(name)):
+        raise PfgenError(f"{where}: \"name\" {name!r} is not a safe file name",
+                         "use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return {**{k: v for k, v in fields.items() if v is not None}, "prompt": prompt.strip()}
+
+
+def _default_name(index: int, prompt: str) -> str:
+    """`0007-a-red-kite-over-the-sea`: stable across reruns, sorted like the file, safe on every filesystem."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")[:48].strip("-")
+    return f"{index:04d}-{slug}" if slug else f"{index:04d}"
+
+
+def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Job]:
+    """Every (policy, prompt) video, policy-major so that a rank reuses one cache allocation per policy."""
+    from pfgen.pipeline import latent_frames_for, video_frames_for
+
+    policies = req.policies or (cfg.cache.policy,)
+    jobs = []
+    for policy in policies:
+        heads = _head_file(cfg, policy, req.heads)
+        sha = hashlib.sha256(heads.read_bytes()).hexdigest() if heads is not None else None
+        config = json.loads(json.dumps(to_dict(with_overrides(cfg, cache=dict(policy=policy)))))
+        for item in items:
+            file = f"{policy}/{item.name}.mp4" if req.policies else f"{item.name}.mp4"
+            frames = video_frames_for(latent_frames_for(item.num_frames, cfg.sampling.frames_per_chunk))
+            request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
+                           policy=policy, frames=frames, height=req.height or cfg.video.height,
+                           width=req.width or cfg.video.width, heads=str(heads) if heads else None,
+                           heads_sha256=sha, config=config)
+            jobs.append(Job(item, policy, file, request))
+    return jobs
+
+
+def _head_file(cfg: Config, policy: str, heads: Path | None) -> Path | None:
+    """The head-type JSON a pyramid video reads (as `Pipeline.head_types` resolves it), checked early."""
+    from pfgen.heads import HeadTypes
+
+    if policy != "pyramid" or (heads is None and cfg.cache.all is not None):
+        return None
+    source = heads if heads is not None else cfg.cache.heads
+    if source is None:
+        return None  # the pipeline names the missing head file before any video is written
+    HeadTypes.load(source)
+    return Path(source)
