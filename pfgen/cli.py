@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
                        "or a smaller --policy budget)", err=True)
             sys.exit(1)
         raise
+    if code == 130:  # Typer turns Ctrl-C into a return code; the writers have removed their partial files
+        typer.echo("error: interrupted (no partial output was kept)", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
