@@ -6,7 +6,7 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +26,6 @@ class VideoStats:
     fps: float
     peak_memory_bytes: int
     memory_kind: str  # "cuda" (allocated by torch) or "rss" (process, CPU)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         return (f"wrote {self.path}: {self.frames} frames ({self.video_seconds:.1f} s of video) in "

@@ -47,7 +47,6 @@ class RulePlan:
 class ChunkPlan:
     t0: int
     frames: int
-    grid: tuple[int, int]
     tables: dict  # commit tables: "hist" and ("block", m)
     rules: dict[str, RulePlan]
 
@@ -127,7 +126,7 @@ def build_plan(rules: dict[str, Rule], t0: int, frames: int, grid: tuple[int, in
     tables = {"hist": frame_table([0], h, w, head_dim, theta, device)}
     for m, patch, size in blocks:
         tables[("block", m)] = _block_table(m, patch, size, grid, head_dim, theta, device)
-    return ChunkPlan(t0, frames, grid, tables, plans)
+    return ChunkPlan(t0, frames, tables, plans)
 
 
 def _block_table(m: int, patch: int, size: int, grid, head_dim, theta, device):

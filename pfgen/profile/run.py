@@ -8,7 +8,7 @@ from pathlib import Path
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, model_fingerprint, read_prompts
-from pfgen.profile.classify import Classification, Thresholds, agreement, classify
+from pfgen.profile.classify import Thresholds, agreement, classify
 
 
 @dataclass
@@ -83,6 +83,3 @@ def compare_with(heads: HeadTypes, other_path: Path) -> dict:
                          f"{heads.layers}x{heads.heads}", "compare files made for the same model")
     return agreement(heads.types, other.types)
 
-
-__all__ = ["ProfileRequest", "Classification", "collect_statistics", "classify_statistics", "compare_with",
-           "parse_thresholds"]
