@@ -92,12 +92,13 @@ def generate(
     torchrun --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over N GPUs.
     """
     from pfgen.batch import check_options
-    from pfgen.generate import check_output_path, check_video_size, frames_for_seconds
+    from pfgen.config import check_video_size
+    from pfgen.generate import check_output_path, frames_for_seconds
 
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
     if not batch:
         output = check_output_path(output or Path("pfgen.mp4"), ".mp4")
-    check_video_size(height, width)
+    check_video_size(height, width, option_prefix="--")  # before any model is loaded
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
     cfg = _load_config(config, policy, backend, device, dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
@@ -195,7 +196,8 @@ def profile_heads(
     compare: Optional[Path] = typer.Option(None, help="another head-type JSON to report agreement with"),
 ):
     """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
-    from pfgen.generate import check_output_path, check_video_size
+    from pfgen.config import check_video_size
+    from pfgen.generate import check_output_path
     from pfgen.profile.run import ProfileRequest, classify_statistics, collect_statistics, compare_with, \
         parse_thresholds
 
@@ -204,7 +206,7 @@ def profile_heads(
     for path, suffix in ((stats_out, ".safetensors"), (plot, ".png")):
         if path is not None:
             check_output_path(path, suffix)
-    check_video_size(height, width)
+    check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, device=device, dtype=dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
                        num_heads=num_heads)
     req = ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir, tuple(threshold), plot,

@@ -216,6 +216,14 @@ def _scalar(hint, value, where: str, key: str):
     return float(value) if hint is float else value
 
 
+def check_video_size(height: int | None, width: int | None, stride: int = 16, option_prefix: str = "") -> None:
+    """Wan video sizes are multiples of 16 (VAE 8 x patch 2); None means "not given" and passes."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % stride):
+            raise PfgenError(f"{option_prefix}{name} {value} is not a positive multiple of {stride}",
+                             f"use e.g. {max(stride, round(value / stride) * stride)}")
+
+
 def with_overrides(config: Config, **sections: dict) -> Config:
     """Return a copy with some fields replaced, e.g. with_overrides(c, cache={"policy": "full"})."""
     updated = {}

@@ -61,14 +61,6 @@ def check_output_path(path: str | Path, suffix: str | None = None) -> Path:
     return path
 
 
-def check_video_size(height: int | None, width: int | None, stride: int = 16) -> None:
-    """Wan video sizes are multiples of 16 (VAE 8 x patch 2); checked before any model is loaded."""
-    for name, value in (("--height", height), ("--width", width)):
-        if value is not None and (value <= 0 or value % stride):
-            raise PfgenError(f"{name} {value} is not a positive multiple of {stride}",
-                             f"use e.g. {max(stride, round(value / stride) * stride)}")
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

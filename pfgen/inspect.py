@@ -82,6 +82,7 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     Layers x heads come from the head-type file when there is one, else from the model: the embedded tiny
     model, or the Wan2.1-1.3B shape (30 x 12 x 128) for real checkpoints.
     """
+    from pfgen.config import check_video_size
     from pfgen.errors import PfgenError
     from pfgen.heads import HeadTypes
     from pfgen.wan.tiny import TINY_TRANSFORMER
@@ -89,10 +90,8 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     tiny = cfg.model.checkpoint is None and cfg.model.name == "tiny"
     layers, n_heads = (TINY_TRANSFORMER["num_layers"], TINY_TRANSFORMER["num_attention_heads"]) if tiny else (30, 12)
     head_dim = TINY_TRANSFORMER["attention_head_dim"] if tiny else 128
-    stride = 16
-    if height <= 0 or width <= 0 or height % stride or width % stride:
-        raise PfgenError(f"video size {height}x{width} is not a positive multiple of {stride}")
-    grid = (height // stride, width // stride)
+    check_video_size(height, width, option_prefix="--")
+    grid = (height // 16, width // 16)
     source = heads_file or cfg.cache.heads
     policy = policy or ("pyramid" if source or cfg.cache.all else cfg.cache.policy)
     if policy != "pyramid":

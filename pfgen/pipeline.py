@@ -16,7 +16,7 @@ import torch
 
 from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.cache.policy import validate_cache_config
-from pfgen.config import Config, load_config, with_overrides
+from pfgen.config import Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.sampling import ChunkLoop, NoiseSource
@@ -97,11 +97,7 @@ class Pipeline:
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Latent (h, w) for a video size; the size must be a multiple of 16 (VAE 8 x patch 2)."""
-        stride = VAE_SPACE * self.transformer.config.patch_size[1]
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % stride:
-                raise PfgenError(f"{name} {value} is not a positive multiple of {stride}",
-                                 f"use e.g. {max(stride, round(value / stride) * stride)}")
+        check_video_size(height, width, VAE_SPACE * self.transformer.config.patch_size[1])
         return height // VAE_SPACE, width // VAE_SPACE
 
     # -- cache ----------------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class KVCache:
              for kind, heads in groups.items()}
             for groups in self.layer_heads
         ]
+        by_kind = {kind: store for layer in self.stores for kind, store in layer.items()}
+        self._abs_offsets = {kind: store.abs_offsets for kind, store in by_kind.items()}
+        self._device = torch.device(device)
         self.plan: ChunkPlan | None = None
         self.committing = False
         self.observer = None  # optional callable(layer, q_abs, k_abs, plan, committing), e.g. profiling
@@ -72,10 +75,7 @@ class KVCache:
 
     def begin_chunk(self, t0: int, frames: int) -> ChunkPlan:
         g = self.geometry
-        stores = {kind: store for layer in self.stores for kind, store in layer.items()}
-        offsets = {kind: store.abs_offsets for kind, store in stores.items()}
-        device = next(iter(stores.values())).k_abs.device
-        self.plan = build_plan(self.rules, t0, frames, g.grid, g.head_dim, g.theta, offsets, device)
+        self.plan = build_plan(self.rules, t0, frames, g.grid, g.head_dim, g.theta, self._abs_offsets, self._device)
         return self.plan
 
     def set_pass(self, commit: bool) -> None:
