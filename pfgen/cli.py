@@ -93,7 +93,8 @@ def generate(
     """
     from pfgen.batch import check_options
     from pfgen.config import check_video_size
-    from pfgen.generate import check_output_path, frames_for_seconds
+    from pfgen.frames import frames_for_seconds
+    from pfgen.outputs import check_output_path
 
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
     if not batch:
@@ -155,7 +156,7 @@ def inspect_cache(
         raise PfgenError(f"--frame must be zero or more, got {frame}")
     if plot is not None:
         plot = Path(plot)
-        from pfgen.generate import check_output_path
+        from pfgen.outputs import check_output_path
 
         check_output_path(plot, ".png")
     types, head_dim, grid = inspect_geometry(cfg, heads, policy, height, width)
@@ -197,7 +198,7 @@ def profile_heads(
 ):
     """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
     from pfgen.config import check_video_size
-    from pfgen.generate import check_output_path
+    from pfgen.outputs import check_output_path
     from pfgen.profile.run import ProfileRequest, classify_statistics, collect_statistics, compare_with, \
         parse_thresholds
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -11,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from pfgen.errors import PfgenError
-from pfgen.pipeline import Pipeline, latent_frames_for, video_frames_for
+from pfgen.frames import latent_frames_for, video_frames_for
+from pfgen.outputs import atomic_output
+from pfgen.pipeline import Pipeline
 
 
 @dataclass
@@ -39,26 +38,6 @@ def format_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-def frames_for_seconds(seconds: float, fps: int) -> int:
-    """Video frames for a duration: seconds x fps / 4 latent frames (DESIGN: 5 s -> 20, rounded up to 21 by
-    the chunks; 60 s -> 240), i.e. 1 + 4 (T - 1) video frames."""
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise PfgenError(f"--seconds must be a positive number, got {seconds}")
-    latent = max(1, math.ceil(seconds * fps / 4 - 1e-9))
-    return 1 + 4 * (latent - 1)
-
-
-def check_output_path(path: str | Path, suffix: str | None = None) -> Path:
-    path = Path(path).expanduser()
-    if not path.parent.exists():
-        raise PfgenError(f"output folder {path.parent} does not exist", "create it first or choose another path")
-    if path.is_dir():
-        raise PfgenError(f"output path {path} is a folder", "give a file name")
-    if suffix and path.suffix.lower() != suffix:
-        raise PfgenError(f"output file {path.name} must end in {suffix}")
-    return path
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -108,7 +87,5 @@ def generate_video(pipe: Pipeline, prompt: str, output: str | Path, *, num_frame
 def _save_latents(latents: torch.Tensor, path: str | Path, prompt: str, seed: int) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompt": prompt, "seed": str(seed)})
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompt": prompt, "seed": str(seed)})

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pfgen.errors import PfgenError
+from pfgen.outputs import atomic_write_text
 
 FORMAT = "pfgen.head-types/1"
 HEAD_TYPES = ("anchor", "wave", "veil")
@@ -93,10 +93,8 @@ class HeadTypes:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         rows = ",\n    ".join(json.dumps(list(r)) for r in self.types)
-        tmp.write_text(_render(self.to_json(), rows))
-        os.replace(tmp, path)
+        atomic_write_text(path, _render(self.to_json(), rows))
         return path
 
     def check_model(self, layers: int, heads: int, where: str = "head-type file") -> None:

@@ -6,7 +6,6 @@ layer over this.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +17,7 @@ from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.cache.policy import validate_cache_config
 from pfgen.config import Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
+from pfgen.frames import VAE_SPACE, latent_frames_for
 from pfgen.heads import HeadTypes
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
@@ -26,7 +26,6 @@ from pfgen.wan.processors import make_causal
 from pfgen.wan.text import PromptEncoder
 
 POLICIES = ("rolling", "full", "pyramid")
-VAE_TIME, VAE_SPACE = 4, 8  # Wan VAE compression
 
 
 @dataclass
@@ -42,18 +41,6 @@ class PipelineOutput:
     latents: torch.Tensor | None = None
     frames: np.ndarray | None = None  # (B, frames, H, W, 3) float32 in [0, 1]
     path: Path | None = None
-
-
-def latent_frames_for(num_frames: int, frames_per_chunk: int) -> int:
-    """Video frames -> latent frames (1 + 4(T-1) frames), rounded up to whole chunks."""
-    if num_frames < 1:
-        raise PfgenError(f"the video needs at least one frame, got {num_frames}")
-    latent = (num_frames - 1 + VAE_TIME - 1) // VAE_TIME + 1
-    return math.ceil(latent / frames_per_chunk) * frames_per_chunk
-
-
-def video_frames_for(latent: int) -> int:
-    return 1 + VAE_TIME * (latent - 1)
 
 
 def resolve_device(name: str) -> torch.device:

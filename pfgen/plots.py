@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pfgen.outputs import atomic_output
 
 TYPE_COLORS: dict[str, tuple[int, int, int]] = {
     "anchor": (31, 119, 180),
@@ -160,16 +161,8 @@ def plot_head_types(types: Sequence[Sequence[str]], lag_profiles_by_type: Mappin
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write to a temp file beside `path` and rename, so a reader never sees half a PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

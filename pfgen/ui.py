@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from pfgen.frames import video_frames_for
 from pfgen.generate import format_bytes
 
 
@@ -23,8 +24,8 @@ def chunk_progress(console, fps: int):
         def on_chunk(chunk, total_chunks):
             per_chunk = chunk.latents.shape[2]
             latent_done = chunk.t0 + per_chunk
-            frames_done = 1 + 4 * (latent_done - 1)
-            frames_total = 1 + 4 * (total_chunks * per_chunk - 1)
+            frames_done = video_frames_for(latent_done)
+            frames_total = video_frames_for(total_chunks * per_chunk)
             progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks,
                             video=frames_done / fps, video_total=frames_total / fps,
                             fps=frames_done / (time.perf_counter() - start))

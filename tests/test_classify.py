@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pfgen.outputs import FILE_MODE
+
 from pfgen.profile.classify import (
     TYPES,
     Classification,
@@ -246,7 +248,7 @@ def test_counts_per_layer():
 
 
 def test_plot_writes_png_atomically(tmp_path, result):
-    out = tmp_path / "figs" / "heads.png"
+    out = tmp_path / "heads.png"
     profiles = result.lag_profiles_by_type()
     assert set(profiles) == set(TYPES) and profiles["wave"].shape == (W - S - 1,)
     assert plot_head_types(result.types, profiles, out) == out
@@ -261,6 +263,7 @@ def test_plot_writes_png_atomically(tmp_path, result):
                 centre = (x0 + h * cell + cell // 2, y0 + l * cell + cell // 2)
                 assert rgb.getpixel(centre) == TYPE_COLORS[t]
     assert [p.name for p in out.parent.iterdir()] == ["heads.png"]
+    assert out.stat().st_mode & 0o777 == FILE_MODE  # what open() gives, not mkstemp's 0600
 
 
 def test_plot_accepts_stacked_profiles_with_nan(tmp_path):

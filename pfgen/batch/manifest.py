@@ -14,6 +14,7 @@ from pathlib import Path
 from pfgen.batch.suite import BatchRequest, Job, plan_jobs, read_prompts
 from pfgen.config import Config
 from pfgen.errors import PfgenError
+from pfgen.outputs import atomic_write_text
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = ".manifest.rank*.jsonl"
@@ -52,9 +53,7 @@ def merge_manifest(out_dir: Path) -> dict[str, dict]:
             entries[entry["file"]] = entry
     entries = {f: e for f, e in sorted(entries.items()) if (out_dir / f).is_file()}
     if parts or len(entries) != len(old):
-        tmp = out_dir / f".{MANIFEST}.tmp"
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries.values()), encoding="utf-8")
-        os.replace(tmp, manifest)
+        atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in entries.values()))
     for part in parts:
         part.unlink()
     return entries

@@ -81,7 +81,7 @@ def parse_policies(text: str | None) -> tuple[str, ...] | None:
 
 def read_prompts(path: Path, base_seed: int, num_frames: int, fps: int) -> list[BatchItem]:
     """Plain text (one prompt per line; blank lines and # comments skipped) or JSONL (one object per line)."""
-    from pfgen.generate import frames_for_seconds
+    from pfgen.frames import frames_for_seconds
 
     if not path.is_file():
         raise PfgenError(f"prompts file not found: {path}")
@@ -145,7 +145,7 @@ def _default_name(index: int, prompt: str) -> str:
 
 def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Job]:
     """Every (policy, prompt) video, policy-major so that a rank reuses one cache allocation per policy."""
-    from pfgen.pipeline import latent_frames_for, video_frames_for
+    from pfgen.frames import latent_frames_for, video_frames_for
 
     policies = req.policies or (cfg.cache.policy,)
     jobs = []

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pfgen.errors import PfgenError
+from pfgen.frames import video_frames_for
+from pfgen.outputs import atomic_output
 from pfgen.profile.capture import LogitRecorder
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.txt"
@@ -52,10 +53,9 @@ class Statistics:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file({"frame_logits": self.frame_logits.contiguous()}, str(tmp),
-                  metadata={"pfgen": json.dumps(self.meta)})
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file({"frame_logits": self.frame_logits.contiguous()}, str(tmp),
+                      metadata={"pfgen": json.dumps(self.meta)})
         return path
 
     @classmethod
@@ -110,7 +110,7 @@ def calibrate(pipe, prompts: list[str], latent_frames: int, seed: int, work_dir:
 def _profile_one(pipe, prompt: str, latent_frames: int, seed: int, size, on_chunk) -> torch.Tensor:
     recorder = LogitRecorder(pipe.layers, pipe.heads, latent_frames, pipe.device)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
-    frames = 1 + 4 * (latent_frames - 1)
+    frames = video_frames_for(latent_frames)
     for chunk in pipe.stream(prompt, num_frames=frames, height=size[0], width=size[1], policy="rolling",
                              generator=generator, decode=False, observer=recorder):
         if on_chunk is not None:

@@ -38,8 +38,9 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
     """Run the calibration prompts through the rolling baseline (resumable), or read saved statistics."""
     if req.from_stats is not None:
         return Statistics.load(req.from_stats)
-    from pfgen.generate import frames_for_seconds
-    from pfgen.pipeline import latent_frames_for, load_pipeline
+    from pfgen.frames import frames_for_seconds
+    from pfgen.frames import latent_frames_for
+    from pfgen.pipeline import load_pipeline
 
     prompts = read_prompts(req.prompts)
     per_chunk = cfg.sampling.frames_per_chunk

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from pfgen.errors import PfgenError
+from pfgen.outputs import atomic_output
 
 # Original Wan2.1 name -> diffusers name, applied in order (head.modulation before the generic rule;
 # Wan's affine norm3 is diffusers' norm2, through a placeholder so the two do not collide).
@@ -189,9 +189,6 @@ def save_diffusers(model, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise PfgenError(f"output folder {directory} exists and is not empty", "choose a new folder")
-    tmp = directory.with_name(f".{directory.name}.partial")
-    model.save_pretrained(tmp, safe_serialization=True)
-    if directory.exists():
-        directory.rmdir()
-    os.replace(tmp, directory)
+    with atomic_output(directory, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
     return directory

@@ -1,0 +1,45 @@
+"""Frame arithmetic, in one place and torch-free.
+
+The Wan VAE turns T latent frames into 1 + 4 (T - 1) video frames (the first latent frame is one video frame,
+each later one four) and 8 x 8 pixels into one latent pixel. The chunk loop works in whole chunks of
+`frames_per_chunk` latent frames.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pfgen.errors import PfgenError
+
+VAE_TIME = 4  # video frames per latent frame (after the first)
+VAE_SPACE = 8  # pixels per latent pixel, each way
+
+
+def video_frames_for(latent: int) -> int:
+    """Latent frames -> video frames."""
+    return 1 + VAE_TIME * (latent - 1)
+
+
+def latent_frames_for(num_frames: int, frames_per_chunk: int) -> int:
+    """Video frames -> latent frames, rounded up to whole chunks."""
+    if num_frames < 1:
+        raise PfgenError(f"the video needs at least one frame, got {num_frames}")
+    latent = (num_frames - 1 + VAE_TIME - 1) // VAE_TIME + 1
+    return math.ceil(latent / frames_per_chunk) * frames_per_chunk
+
+
+def latent_frames_for_seconds(seconds: float, fps: int) -> int:
+    """A duration -> latent frames: seconds x fps / 4 (DESIGN: 5 s -> 20, 60 s -> 240), at least one."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise PfgenError(f"--seconds must be a positive number, got {seconds}")
+    return max(1, math.ceil(seconds * fps / VAE_TIME - 1e-9))
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """A duration -> video frames (1 + 4 (T - 1)); the chunk loop later rounds T up to whole chunks."""
+    return video_frames_for(latent_frames_for_seconds(seconds, fps))
+
+
+def chunk_video_frames(latent_done: int) -> int:
+    """Video frames that exist once `latent_done` latent frames are decoded (0 before the first)."""
+    return video_frames_for(latent_done) if latent_done > 0 else 0

@@ -1,0 +1,244 @@
+"""Every file pfgen writes goes through here: output checks, one atomic writer, and run locks.
+
+- `check_output_path` / `check_outputs`: before any work starts, each output's folder exists and is writable,
+  no two outputs of one run share a path, and an existing file is refused unless overwriting was asked for.
+- `atomic_output(path)`: yields a temp path unique to this process beside `path`; on success the temp is
+  given normal permissions and renamed over `path`, on any exception (Ctrl-C and SIGTERM included, see
+  `pfgen.signals`) it is removed. A folder works the same way (`directory=True`).
+- `output_lock(path)`: an `fcntl` lock beside an output (or in an output folder) so that two runs never write
+  the same file; the second one is refused with the first one's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from pfgen.errors import PfgenError
+
+PARTIAL = ".partial"  # marker in every temp name: `.NAME.<pid>-<random>.partial<suffix>`
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would have given the file
+DIR_MODE = 0o777 & ~_umask()
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name beside `path`, unique per process and call, that keeps `path`'s suffix (ffmpeg and
+    Pillow pick the format from it) and starts with a dot (hidden from globs of finished outputs)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}{PARTIAL}{path.suffix}")
+
+
+def is_partial(path: Path) -> bool:
+    return path.name.startswith(".") and PARTIAL in path.name
+
+
+def partial_pid(path: Path) -> int | None:
+    """The pid that wrote a temp file named by `temp_path`, if the name has one."""
+    try:
+        return int(path.name.rsplit(PARTIAL, 1)[0].rsplit(".", 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def write_error(path: Path, exc: OSError) -> PfgenError:
+    """One line for a failed write: what, where, why, and the fix."""
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+            errno.EROFS: "choose a writable folder", errno.EACCES: "choose a folder you can write to",
+            errno.EPERM: "choose a folder you can write to"}.get(exc.errno)
+    return PfgenError(f"cannot write {path}: {reason}", hint)
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Write to the yielded temp path; it becomes `path` only if the block finishes without an exception.
+
+    OSErrors inside the block (disk full, read-only folder) become one-line `PfgenError`s.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        if directory:
+            tmp.mkdir(mode=0o700)
+        yield tmp
+        if not tmp.exists():
+            raise PfgenError(f"nothing was written to {path}")
+        os.chmod(tmp, DIR_MODE if directory else FILE_MODE)
+        if directory and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_folder_writable(folder: Path) -> None:
+    """Fail now, not after an hour of generation, when nothing can be created in `folder`."""
+    if not folder.exists():
+        raise PfgenError(f"output folder {folder} does not exist", "create it first or choose another path")
+    if not folder.is_dir():
+        raise PfgenError(f"{folder} is not a folder")
+    probe = temp_path(folder / "write-check")
+    try:
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_output_path(path: str | Path, suffix: str | None = None, *, overwrite: bool = True,
+                      option: str = "output") -> Path:
+    """An output file that can be written: folder exists and is writable, right suffix, not a folder, and
+    (with overwrite=False) not there yet."""
+    path = Path(path).expanduser()
+    if suffix and path.suffix.lower() != suffix:
+        raise PfgenError(f"{option} file {path.name} must end in {suffix}")
+    if path.is_dir():
+        raise PfgenError(f"{option} path {path} is a folder", "give a file name")
+    if path.exists() and not overwrite:
+        raise PfgenError(f"{path} already exists", "pass --overwrite (-y) to replace it, or choose another name")
+    check_folder_writable(path.parent)
+    return path
+
+
+def check_outputs(**outputs: Path | None) -> None:
+    """Refuse two outputs of one run that share a path (one would destroy the other)."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = Path(os.path.abspath(Path(path).expanduser()))
+        if key in seen:
+            raise PfgenError(f"--{seen[key]} and --{option} are the same file ({path})",
+                             "give each output its own path")
+        seen[key] = option.replace("_", "-")
+
+
+class OutputLock:
+    """An exclusive `fcntl` lock on `<folder>/.<name>.lock`, holding the owner's pid."""
+
+    def __init__(self, lock_path: Path, what: Path):
+        self.lock_path, self.what = lock_path, what
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise write_error(self.lock_path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise PfgenError(f"another pfgen run (pid {pid}) is writing {self.what}",
+                                 "wait for it to finish, or choose another output") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file that its previous owner removed while we waited for it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.lock_path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def output_lock(path: str | Path) -> OutputLock:
+    """The lock of one output file (beside it) or of an output folder (inside it)."""
+    path = Path(path)
+    if path.is_dir():
+        return OutputLock(path / ".pfgen.lock", path)
+    return OutputLock(path.with_name(f".{path.name}.lock"), path)
+
+
+def is_locked(lock_path: Path) -> bool:
+    """Whether a live process holds `lock_path` (a probe that never blocks and never keeps the lock)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove temp files in `folder` left by runs that are gone (their pid is not alive)."""
+    removed = []
+    for tmp in folder.glob(f".*{PARTIAL}*"):
+        pid = partial_pid(tmp)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        _remove(tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
