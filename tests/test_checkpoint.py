@@ -75,6 +75,12 @@ def assert_same_weights(model, reference):
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
+def assert_same_forward(model, reference):
+    """Bit-identical weights give the same forward up to kernel rounding: tensors that sit differently in
+    memory after loading may take other CPU kernel paths (seen: 6e-7 on some CPU kinds)."""
+    torch.testing.assert_close(forward(model), forward(reference), atol=1e-5, rtol=1e-5)
+
+
 def forward(model):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1, 16, 3, 4, 6, generator=g)
@@ -106,7 +112,7 @@ def test_pt_loads_bit_exact_and_ema_flag_picks_the_entry(tiny, pt):
     model = load(pt, ema=True)
     assert_same_weights(model, tiny)
     assert model.config.num_attention_heads == HEADS and model.config.attention_head_dim == 32
-    assert torch.equal(forward(model), forward(tiny))
+    assert_same_forward(model, tiny)
     other = load(pt, ema=False)
     assert_same_weights(other, tiny_transformer(seed=5, num_layers=2))
 
@@ -125,7 +131,7 @@ def test_convert_writes_a_plain_diffusers_folder(tiny, pt, tmp_path):
 
     plain = WanTransformer3DModel.from_pretrained(out)
     assert_same_weights(plain, tiny)
-    assert torch.equal(forward(plain), forward(tiny))
+    assert_same_forward(plain, tiny)
     assert_same_weights(load(out), tiny)
     assert not list(tmp_path.glob(".*partial"))
 
@@ -199,7 +205,7 @@ def test_checkpoint_and_wan_dir_pipeline_equals_embedded_tiny(embedded_pt, tmp_p
     got = loaded("a red kite", generator=torch.Generator().manual_seed(3), **args).latents
     want = embedded("a red kite", generator=torch.Generator().manual_seed(3), **args).latents
     assert got.shape == (1, 16, 3, 4, 6)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # same weights, loaded vs built in memory
 
 
 def test_wan_dir_errors(embedded_pt, tmp_path):
@@ -233,7 +239,8 @@ def test_one_step_schedule_is_bitwise_deterministic():
     second = pipe(**args).latents
     third = pfgen.load_pipeline(cfg)(**args).latents
     assert first.shape == (1, 16, 6, 4, 6)
-    assert torch.equal(first, second) and torch.equal(first, third)
+    assert torch.equal(first, second)  # the same pipeline twice: the same kernels, the same bits
+    torch.testing.assert_close(third, first, atol=1e-5, rtol=1e-5)  # a new pipeline may sit elsewhere in memory
 
 
 def test_cli_generate_with_checkpoint_and_wan_dir(embedded_pt, tmp_path, capsys):

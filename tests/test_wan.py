@@ -99,7 +99,8 @@ def test_streaming_vae_decode_equals_one_shot():
         decoder.reset()
         streamed = torch.cat([decoder.decode(z[:, :, a:a + 3]) for a in (0, 3)] + [decoder.decode(z[:, :, 6:])], 2)
     assert streamed.shape == one_shot.shape == (1, 3, 1 + 4 * 6, 32, 48)
-    assert torch.equal(streamed, one_shot)
+    # the same per-frame decoder calls, but post_quant_conv sees 3- vs 7-frame inputs: other kernel blocking
+    torch.testing.assert_close(streamed, one_shot, atol=1e-5, rtol=1e-5)
 
 
 def test_rope_frame_offset_equals_slice_of_longer_video():
