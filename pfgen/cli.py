@@ -7,13 +7,18 @@ inputs or resources exit 1. Nothing half-written is left behind (writers use tem
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from pfgen.errors import PfgenError
+from pfgen.frames import MAX_SECONDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long video generation with autoregressive video diffusion and a head-aware KV cache.")
@@ -34,34 +39,57 @@ HeightOpt = Annotated[Optional[int], typer.Option("--height", help="video height
 WidthOpt = Annotated[Optional[int], typer.Option("--width", help="video width (multiple of 16)")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the CPUs this process "
+                                                                     "may use)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="print only errors (and --json)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also show the libraries' loading bars and logs")]
 
 
-def _console():
+# Config keys the command line sets, named as the user typed them in errors.
+OPTION_NAMES = {"cache.policy": "--policy", "cache.backend": "--backend", "runtime.device": "--device",
+                "runtime.dtype": "--dtype", "runtime.threads": "--threads", "model.num_heads": "--num-heads",
+                "model.text_encoder_device": "--text-encoder-device"}
+
+
+def _console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, quiet=quiet)
 
 
-def _load_config(config, policy=None, backend=None, device=None, dtype=None, **model):
-    """The config file with the command line's overrides (None = keep the file's value)."""
+def _load_config(config, policy=None, backend=None, device=None, dtype=None, threads=None, **model):
+    """The config file with the command line's overrides (None = keep the file's value), validated."""
     from pfgen.config import load_config, with_overrides
-    from pfgen.pipeline import POLICIES
 
-    if policy is not None and policy not in POLICIES:
-        raise PfgenError(f"unknown policy '{policy}'", f"choose from {', '.join(POLICIES)}")
     cfg = load_config(config)
     model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v else v) for k, v in model.items()}
-    return with_overrides(cfg, model=model, cache=dict(policy=policy, backend=backend),
-                          runtime=dict(device=device, dtype=dtype))
+    return with_overrides(cfg, OPTION_NAMES, model=model, cache=dict(policy=policy, backend=backend),
+                          runtime=dict(device=device, dtype=dtype, threads=threads))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pfgen import __version__
+
+        typer.echo(f"pfgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Long video generation with autoregressive video diffusion and a head-aware KV cache."""
 
 
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
                                          help=f"what to generate (default: {DEFAULT_PROMPT!r})"),
-    seconds: float = typer.Option(5.0, help="video length in seconds (latent frames round up to whole chunks)"),
+    seconds: Optional[float] = typer.Option(None, help="video length in seconds (default 5; latent frames round "
+                                                       "up to whole chunks)"),
     frames: Optional[int] = typer.Option(None, help="video length in frames instead of --seconds"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="mp4 to write (default: pfgen.mp4)"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace existing output files"),
     seed: int = typer.Option(0, help="random seed of the noise (with --prompts: prompt i uses seed + i)"),
     prompts: Optional[Path] = typer.Option(
         None, help="batch mode: one prompt per line (blank lines and # comments are skipped), or JSONL (.jsonl) "
@@ -77,63 +105,100 @@ def generate(
     width: WidthOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
     checkpoint: CheckpointOpt = None,
     wan_dir: WanDirOpt = None,
     ema: EmaOpt = None,
     num_heads: NumHeadsOpt = None,
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
-    save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
+    save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
+    force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-object JSON summary of the video on stdout"),
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced.
 
     Batch mode: --prompts FILE --output-dir DIR writes one mp4 per prompt and DIR/manifest.jsonl.
-    Rerun the same command to resume: finished videos are skipped, interrupted ones redone.
-    torchrun --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over N GPUs.
+    Rerun the same command to resume: finished videos are checked and skipped, interrupted or damaged ones
+    redone. torchrun --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over N GPUs.
     """
     from pfgen.batch import check_options
-    from pfgen.config import check_video_size
-    from pfgen.frames import frames_for_seconds
-    from pfgen.outputs import check_output_path
+    from pfgen.config import check_seed, check_video_size
+    from pfgen.frames import length_in_frames
+    from pfgen.heads import HeadTypes, head_type_source
+    from pfgen.outputs import check_output_path, check_outputs
 
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
-    if not batch:
-        output = check_output_path(output or Path("pfgen.mp4"), ".mp4")
-    check_video_size(height, width, option_prefix="--")  # before any model is loaded
-    if save_latents is not None:
-        save_latents = check_output_path(save_latents)
-    cfg = _load_config(config, policy, backend, device, dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
-                       num_heads=num_heads, text_encoder_device=text_encoder_device)
-    if frames is not None and frames < 1:
-        raise PfgenError(f"--frames must be at least 1, got {frames}")
-    num_frames = frames if frames is not None else frames_for_seconds(seconds, cfg.video.fps)
+    if batch and as_json:
+        raise PfgenError("--json is for single videos", "batch mode records every video in manifest.jsonl")
+    check_seed(seed)
+    check_video_size(height, width, option_prefix="--")
+    cfg = _load_config(config, policy, backend, device, dtype, threads, checkpoint=checkpoint, wan_dir=wan_dir,
+                       ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device)
+    _check_model_options(cfg, heads=heads, wan_dir=wan_dir, num_heads=num_heads,
+                         text_encoder_device=text_encoder_device, policies=policies)
+    num_frames = length_in_frames(seconds, frames, cfg.video.fps, force)
+    console = _console(quiet)
     if batch:
         from pfgen.batch import BatchRequest, parse_policies, run_batch
 
         request = BatchRequest(prompts.expanduser(), output_dir.expanduser(), parse_policies(policies), seed,
                                num_frames, heads, height, width)
-        return run_batch(cfg, request, _console())
-    _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height, width,
-                  save_latents)
+        return run_batch(cfg, request, console, verbose)
+    source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
+    heads = source if isinstance(source, HeadTypes) else None
+    output = check_output_path(output or Path("pfgen.mp4"), ".mp4", overwrite=overwrite, option="--output")
+    if save_latents is not None:
+        save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
+    check_outputs(output=output, save_latents=save_latents)
+    from pfgen.outputs import output_lock
+
+    with output_lock(output):  # a second run writing the same file is refused with this one's pid
+        _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height,
+                      width, save_latents, console, as_json, verbose)
 
 
-def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents):
+def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents, console, as_json,
+                  verbose):
     from pfgen.generate import generate_video
     from pfgen.pipeline import load_pipeline
-    from pfgen.ui import chunk_progress
+    from pfgen.ui import chunk_progress, library_output
 
-    console = _console()
-    with console.status("loading model"):
+    with console.status("loading model"), library_output(verbose):
         pipe = load_pipeline(cfg)
     pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
-    pipe.head_types(cfg.cache.policy, heads)  # a wrong head file fails before any output exists
+    pipe.head_types(cfg.cache.policy, heads)  # head types for another model fail before any output exists
     if cfg.model.checkpoint is None:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
-                      "(give --checkpoint and --wan-dir for real weights)")
+                      "(give --checkpoint and --wan-dir for real weights)", soft_wrap=True)
     with chunk_progress(console, cfg.video.fps) as on_chunk:
         stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
                                width=width, save_latents=save_latents, on_chunk=on_chunk)
-    console.print(stats.summary())
+    console.print(stats.summary(), highlight=False, markup=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(stats.to_json()))
+
+
+def _check_model_options(cfg, *, heads, wan_dir, num_heads, text_encoder_device, policies) -> None:
+    """Options that would do nothing: refused when the run cannot be what was asked, else one warning line."""
+    tiny = cfg.model.checkpoint is None
+    if tiny and cfg.model.name != "tiny":
+        raise PfgenError(f"config '{cfg.model.name}' needs real weights",
+                         "pass --checkpoint and --wan-dir (see README, Real weights), or drop --config for the "
+                         "embedded tiny model")
+    if wan_dir is not None and tiny:
+        raise PfgenError("--wan-dir needs --checkpoint", "give the student's weights too, or drop --wan-dir")
+    if not tiny and cfg.model.wan_dir is None:
+        raise PfgenError("--checkpoint needs --wan-dir", "the Wan2.1 folder with text_encoder/, tokenizer/, vae/")
+    if tiny:
+        for option, value in (("--num-heads", num_heads), ("--text-encoder-device", text_encoder_device)):
+            if value is not None:
+                warnings.warn(f"{option} does nothing for the embedded tiny model")
+    pyramid = cfg.cache.policy == "pyramid" or (policies is not None and "pyramid" in policies)
+    if heads is not None and not pyramid:
+        warnings.warn(f"--heads does nothing under --policy {cfg.cache.policy} (it is for pyramid)")
 
 
 @app.command("inspect-cache")
@@ -262,32 +327,63 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn every expected failure into one line and an exit code."""
-    try:
-        code = app(args=argv, prog_name="pfgen", standalone_mode=False)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("error: interrupted (no partial output was kept)", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(getattr(exc, "exit_code", 0))
-    except PfgenError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except Exception as exc:
-        if _is_usage_error(exc):
-            ctx = getattr(exc, "ctx", None)
-            command = ctx.command.name if ctx is not None and ctx.command is not None else None
-            hint = f" (see pfgen {command} --help)" if command and command != "pfgen" else " (see pfgen --help)"
-            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
-            sys.exit(2)
-        if _is_oom(exc):
-            typer.echo("error: out of GPU memory (lower --height/--width, use --text-encoder-device cpu, "
-                       "or a smaller --policy budget)", err=True)
-            sys.exit(1)
-        raise
+    """Entry point: run the app and turn every expected failure into one line and an exit code.
+
+    SIGTERM (timeout, Slurm, docker stop, systemd, torchrun) and SIGHUP are handled like Ctrl-C: the writers
+    remove their partial files, one line is printed, and the exit code is 128 + the signal's number."""
+    warnings.showwarning = _show_warning
+    with _signals_as_interrupts() as received:
+        try:
+            code = app(args=argv, prog_name="pfgen", standalone_mode=False)
+        except (typer.Abort, KeyboardInterrupt):
+            code = 130
+        except typer.Exit as exc:
+            code = getattr(exc, "exit_code", 0)
+        except PfgenError as exc:
+            _fail(str(exc), 1)
+        except Exception as exc:
+            if _is_usage_error(exc):
+                ctx = getattr(exc, "ctx", None)
+                command = ctx.command.name if ctx is not None and ctx.command is not None else None
+                hint = f" (see pfgen {command} --help)" if command and command != "pfgen" else " (see pfgen --help)"
+                _fail(f"{exc.format_message()}{hint}", 2)
+            oom = _out_of_memory(exc)
+            if oom is not None:
+                _fail(oom, 1)
+            raise
     if code == 130:  # Typer turns Ctrl-C into a return code; the writers have removed their partial files
-        typer.echo("error: interrupted (no partial output was kept)", err=True)
+        signum = received[0] if received else signal.SIGINT
+        _fail(f"interrupted by {signal.Signals(signum).name} (no partial output was kept)", 128 + signum)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int):
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (options that do nothing, a prompt cut at 512 tokens) as one line, without source location."""
+    typer.echo(f"warning: {message}", err=True)
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread (so every `finally` and atomic writer
+    cleans up); yields the list of signals received."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        if len(received) == 1:  # a second signal must not interrupt the cleanup of the first
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _is_usage_error(exc: Exception) -> bool:
@@ -295,6 +391,15 @@ def _is_usage_error(exc: Exception) -> bool:
     return hasattr(exc, "format_message") and any(c.__name__ == "UsageError" for c in type(exc).__mro__)
 
 
-def _is_oom(exc: Exception) -> bool:
+def _out_of_memory(exc: Exception) -> str | None:
+    """One line for running out of GPU or CPU memory, with what was asked for and what to lower."""
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+    lower = "lower --height/--width or the length, use --policy pyramid or rolling (bounded memory)"
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"out of GPU memory ({lower}, or --text-encoder-device cpu)"
+    text = str(exc)
+    if isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or isinstance(exc, MemoryError)):
+        asked = re.search(r"allocate (\d+) bytes", text)
+        size = f": {int(asked.group(1)) / 2 ** 30:.1f} GiB more were needed" if asked else ""
+        return f"out of CPU memory{size} ({lower})"
+    return None

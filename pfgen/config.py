@@ -7,6 +7,8 @@ Unknown keys and wrong types are errors (a typo must never silently fall back to
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,12 @@ import yaml
 from pfgen.errors import PfgenError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+POLICIES = ("rolling", "full", "pyramid")
+BACKENDS = ("auto", "split", "sdpa")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+MAX_TIMESTEP = 1000.0  # the flow-matching scheduler's range
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class VideoConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto = cuda when available
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    threads: int | None = None  # CPU threads; None = the CPUs this process may use (never oversubscribed)
 
 
 @dataclass(frozen=True)
@@ -128,11 +137,15 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
     """Load a YAML config strictly; None gives the embedded default (configs/tiny.yaml, the tiny model)."""
     path = resolve_config_path(name_or_path if name_or_path is not None else CONFIG_DIR / "tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise PfgenError(f"{path}: not valid YAML{where}", "fix the syntax of the file") from None
+        problem = getattr(exc, "problem", None) or ""
+        hint = problem if problem.startswith("duplicate key") else "fix the syntax of the file"
+        raise PfgenError(f"{path}: not valid YAML{where}", hint) from None
+    except UnicodeDecodeError:
+        raise PfgenError(f"{path}: not a text file (not UTF-8)", "give a YAML config") from None
     except OSError as exc:
         raise PfgenError(f"cannot read config {path}: {exc.strerror}") from None
     if data is None:
@@ -145,19 +158,83 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
     return config
 
 
-def validate(config: Config, where: str = "config") -> None:
-    """Values the dataclass types cannot express (positive budgets, known names)."""
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def validate(config: Config, where: str = "config", names: dict[str, str] | None = None) -> None:
+    """Every value the dataclass types cannot express, checked once, before anything loads.
+
+    `load_config` and `with_overrides` call it, so a YAML file, the command line and the Python API are
+    held to the same rules. `names` shows keys as the options that set them (e.g. "--policy")."""
+    names = names or {}
     from pfgen.cache.policy import validate_cache_config
     from pfgen.heads import HEAD_TYPES
 
+    def fail(key: str, message: str, hint: str | None = None):
+        raise PfgenError(f"{names[key]} {message}" if key in names else f"{where}: {key} {message}", hint)
+
+    model, sampling, cache, video, runtime = (config.model, config.sampling, config.cache, config.video,
+                                              config.runtime)
+    if model.num_heads is not None and model.num_heads < 1:
+        fail("model.num_heads", f"must be a positive number, got {model.num_heads}")
+    for key, device in (("model.text_encoder_device", model.text_encoder_device), ("runtime.device", runtime.device)):
+        if device is not None and not DEVICE.fullmatch(device):
+            fail(key, f"'{device}' is not a device", "use auto, cpu, cuda or cuda:N")
+    if model.text_encoder_device == "auto":  # the text encoder's device is explicit, or the model's
+        fail("model.text_encoder_device", "cannot be auto", "use cpu, cuda or cuda:N, or leave it out")
+    if runtime.dtype not in DTYPES:
+        fail("runtime.dtype", f"'{runtime.dtype}' is unknown", "use auto, float32, bfloat16 or float16")
+    if runtime.threads is not None and runtime.threads < 1:
+        fail("runtime.threads", f"must be at least 1, got {runtime.threads}")
+    window = cache.rolling.window
+    if not 1 <= sampling.frames_per_chunk <= window:
+        fail("sampling.frames_per_chunk", f"must be between 1 and the {window}-frame window, "
+             f"got {sampling.frames_per_chunk}", "the students use 3 (chunk-wise) or 1 (frame-wise)")
+    for key in ("timesteps", "first_chunk_timesteps"):
+        steps = getattr(sampling, key)
+        if steps is None:
+            continue
+        if not all(math.isfinite(t) and 0 < t <= MAX_TIMESTEP for t in steps):
+            fail(f"sampling.{key}", f"must lie in (0, {MAX_TIMESTEP:g}], got {list(steps)}")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            fail(f"sampling.{key}", f"must decrease, got {list(steps)}", "e.g. [1000, 750, 500, 250]")
+    if not (math.isfinite(sampling.shift) and sampling.shift > 0):
+        fail("sampling.shift", f"must be a positive number, got {sampling.shift}", "the students use 5.0")
+    if not (math.isfinite(sampling.context_timestep) and 0 <= sampling.context_timestep <= MAX_TIMESTEP):
+        fail("sampling.context_timestep", f"must lie in [0, {MAX_TIMESTEP:g}], got {sampling.context_timestep}")
+    if cache.policy not in POLICIES:
+        fail("cache.policy", f"'{cache.policy}' is unknown", f"choose from {', '.join(POLICIES)}")
+    if cache.backend not in BACKENDS:
+        fail("cache.backend", f"'{cache.backend}' is unknown", f"choose from {', '.join(BACKENDS)}")
+    if cache.all is not None and cache.all not in HEAD_TYPES:
+        fail("cache.all", f"must be one of {', '.join(HEAD_TYPES)}, got '{cache.all}'")
     try:
-        validate_cache_config(config.cache)
+        validate_cache_config(cache)
     except ValueError as exc:
         raise PfgenError(f"{where}: {exc}") from None
-    if config.cache.all is not None and config.cache.all not in HEAD_TYPES:
-        raise PfgenError(f"{where}: cache.all must be one of {', '.join(HEAD_TYPES)}, got '{config.cache.all}'")
-    if config.sampling.frames_per_chunk < 1:
-        raise PfgenError(f"{where}: sampling.frames_per_chunk must be at least 1")
+    if not 1 <= video.fps <= 240:
+        fail("video.fps", f"must be a whole number of frames per second between 1 and 240, got {video.fps}",
+             "Wan models are trained at 16")
+    try:
+        check_video_size(video.height, video.width)
+    except PfgenError as exc:
+        raise PfgenError(f"{where}: video.{exc.message}", exc.hint) from None
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise PfgenError(f"{option} must be between 0 and 2^63-1, got {seed}")
+    return seed
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
@@ -224,14 +301,16 @@ def check_video_size(height: int | None, width: int | None, stride: int = 16, op
                              f"use e.g. {max(stride, round(value / stride) * stride)}")
 
 
-def with_overrides(config: Config, **sections: dict) -> Config:
+def with_overrides(config: Config, names: dict[str, str] | None = None, **sections: dict) -> Config:
     """Return a copy with some fields replaced, e.g. with_overrides(c, cache={"policy": "full"})."""
     updated = {}
     for section, fields_ in sections.items():
         current = getattr(config, section)
         clean = {k: v for k, v in fields_.items() if v is not None}
         updated[section] = dataclasses.replace(current, **clean)
-    return dataclasses.replace(config, **updated)
+    config = dataclasses.replace(config, **updated)
+    validate(config, "options", names)
+    return config
 
 
 def to_dict(config) -> dict:

@@ -13,6 +13,8 @@ from pfgen.errors import PfgenError
 
 VAE_TIME = 4  # video frames per latent frame (after the first)
 VAE_SPACE = 8  # pixels per latent pixel, each way
+DEFAULT_SECONDS = 5.0
+MAX_SECONDS = 3600  # longer videos need --force (a typo like --seconds 6000000 must not run for weeks)
 
 
 def video_frames_for(latent: int) -> int:
@@ -40,6 +42,20 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
     return video_frames_for(latent_frames_for_seconds(seconds, fps))
 
 
-def chunk_video_frames(latent_done: int) -> int:
-    """Video frames that exist once `latent_done` latent frames are decoded (0 before the first)."""
-    return video_frames_for(latent_done) if latent_done > 0 else 0
+def length_in_frames(seconds: float | None, frames: int | None, fps: int, force: bool = False) -> int:
+    """The video length the command line asks for (`--seconds` or `--frames`, default 5 s), in video frames.
+
+    Lengths past MAX_SECONDS are refused unless `force`."""
+    if seconds is not None and frames is not None:
+        raise PfgenError("give --seconds or --frames, not both")
+    if frames is not None:
+        if frames < 1:
+            raise PfgenError(f"--frames must be at least 1, got {frames}")
+        num_frames, option = frames, f"--frames {frames}"
+    else:
+        num_frames = frames_for_seconds(DEFAULT_SECONDS if seconds is None else seconds, fps)
+        option = f"--seconds {seconds:g}" if seconds is not None else ""
+    if num_frames > MAX_SECONDS * fps + 1 and not force:
+        raise PfgenError(f"{option} asks for {num_frames / fps / 3600:.3g} hours of video",
+                         f"lengths over {MAX_SECONDS // 60} minutes need --force")
+    return num_frames

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -25,6 +27,11 @@ class VideoStats:
     fps: float
     peak_memory_bytes: int
     memory_kind: str  # "cuda" (allocated by torch) or "rss" (process, CPU)
+    metadata: dict  # how the video was made: prompt, seed, config, policy, pfgen version (also in the mp4)
+
+    def to_json(self) -> dict:
+        """`generate --json`: one object describing the finished video."""
+        return {**dataclasses.asdict(self), "bytes": os.path.getsize(self.path)}
 
     def summary(self) -> str:
         return (f"wrote {self.path}: {self.frames} frames ({self.video_seconds:.1f} s of video) in "
@@ -73,15 +80,25 @@ def generate_video(pipe: Pipeline, prompt: str, output: str | Path, *, num_frame
         if on_chunk is not None:
             on_chunk(chunk, total_chunks)
 
+    metadata = video_metadata(pipe, prompt, seed, policy or pipe.config.cache.policy)
     pipe.write_mp4(prompt, output, num_frames=video_frames_for(latent), generator=generator, policy=policy,
-                   heads=heads, height=height, width=width, on_chunk=chunk_done)
+                   heads=heads, height=height, width=width, on_chunk=chunk_done, metadata=metadata)
     wall = time.perf_counter() - start
     if save_latents is not None:
         _save_latents(torch.cat(kept, dim=2), save_latents, prompt, seed)
     frames = video_frames_for(latent)
     peak, kind = peak_memory(pipe.device)
     return VideoStats(str(output), frames, latent, frames / pipe.config.video.fps, wall, first[0], frames / wall,
-                      peak, kind)
+                      peak, kind, metadata)
+
+
+def video_metadata(pipe: Pipeline, prompt: str, seed: int, policy: str) -> dict:
+    """What is written into the mp4 (title = prompt, comment = JSON), so that a video says how it was made."""
+    from pfgen import __version__
+
+    model = pipe.config.model
+    return {"prompt": prompt, "seed": seed, "config": model.name, "policy": policy, "checkpoint": model.checkpoint,
+            "pfgen": __version__}
 
 
 def _save_latents(latents: torch.Tensor, path: str | Path, prompt: str, seed: int) -> None:

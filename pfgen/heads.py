@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ class HeadTypes:
     @property
     def heads(self) -> int:
         return len(self.types[0])
+
+    def sha256(self) -> str:
+        """Content hash of the types (not of the file's bytes or path: the same labels hash the same from any
+        install)."""
+        return hashlib.sha256(json.dumps([self.model, self.types]).encode()).hexdigest()
 
     def counts(self) -> dict[str, int]:
         flat = [t for row in self.types for t in row]
@@ -64,12 +70,17 @@ class HeadTypes:
         if not path.is_file():
             raise PfgenError(f"head-type file not found: {path}", "run `pfgen profile-heads` to make one")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise PfgenError(f"{path}: not valid JSON (line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise PfgenError(f"{path}: not a text file (not UTF-8)", "give a head-type JSON file") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PfgenError(f"{path}: not a head-type file", f"expected \"format\": \"{FORMAT}\"")
-        model = data.get("model") or {}
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise PfgenError(f"{path}: 'model' must be an object with name, layers and heads",
+                             'e.g. "model": {"name": "tiny", "layers": 4, "heads": 4}')
         heads = cls.from_rows(data.get("types"), str(model.get("name", "unknown")), data.get("calibration"), str(path))
         if (model.get("layers"), model.get("heads")) != (heads.layers, heads.heads):
             raise PfgenError(f"{path}: 'model' says {model.get('layers')}x{model.get('heads')} "
@@ -102,6 +113,33 @@ class HeadTypes:
             raise PfgenError(
                 f"{where} is for a {self.layers}x{self.heads} model ({self.model}), this model has "
                 f"{layers} layers x {heads} heads", "use a head file made for this model (pfgen profile-heads)")
+
+
+def head_type_source(cache_cfg, policy: str, heads: str | Path | HeadTypes | None = None) -> HeadTypes | str | None:
+    """Where a run under `policy` takes its head types from; the one place this is decided.
+
+    None for the baselines (every head follows the policy); for pyramid: `heads` (a file, loaded here, or
+    loaded types), else `cache.all` (a kind for every head, returned as its name), else the config's
+    `cache.heads` file.
+    """
+    if policy != "pyramid":
+        return None
+    if heads is None and cache_cfg.all is not None:
+        return cache_cfg.all
+    source = heads if heads is not None else cache_cfg.heads
+    if source is None:
+        raise PfgenError("the pyramid policy needs head types",
+                         "pass --heads FILE (pfgen profile-heads makes one) or set cache.all in the config")
+    return source if isinstance(source, HeadTypes) else HeadTypes.load(source)
+
+
+def head_type_rows(source: HeadTypes | str | None, policy: str, layers: int, heads: int) -> list[list[str]]:
+    """Per-layer, per-head rule names for a model of `layers` x `heads` from `head_type_source`'s answer."""
+    if source is None:
+        return [[policy] * heads for _ in range(layers)]
+    types = HeadTypes.uniform(source, layers, heads) if isinstance(source, str) else source
+    types.check_model(layers, heads)
+    return [list(row) for row in types.types]
 
 
 def _render(data: dict, rows: str) -> str:

@@ -83,8 +83,7 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     model, or the Wan2.1-1.3B shape (30 x 12 x 128) for real checkpoints.
     """
     from pfgen.config import check_video_size
-    from pfgen.errors import PfgenError
-    from pfgen.heads import HeadTypes
+    from pfgen.heads import head_type_rows, head_type_source
     from pfgen.wan.tiny import TINY_TRANSFORMER
 
     tiny = cfg.model.checkpoint is None and cfg.model.name == "tiny"
@@ -92,11 +91,8 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     head_dim = TINY_TRANSFORMER["attention_head_dim"] if tiny else 128
     check_video_size(height, width, option_prefix="--")
     grid = (height // 16, width // 16)
-    source = heads_file or cfg.cache.heads
-    policy = policy or ("pyramid" if source or cfg.cache.all else cfg.cache.policy)
-    if policy != "pyramid":
-        return [[policy] * n_heads for _ in range(layers)], head_dim, grid
-    if source is None and cfg.cache.all is None:
-        raise PfgenError("the pyramid policy needs head types", "pass --heads FILE or set cache.all")
-    types = HeadTypes.load(source) if source else HeadTypes.uniform(cfg.cache.all, layers, n_heads)
-    return [list(r) for r in types.types], head_dim, grid
+    policy = policy or ("pyramid" if heads_file or cfg.cache.heads or cfg.cache.all else cfg.cache.policy)
+    source = head_type_source(cfg.cache, policy, heads_file)
+    if not isinstance(source, str) and source is not None:
+        layers, n_heads = source.layers, source.heads
+    return head_type_rows(source, policy, layers, n_heads), head_dim, grid

@@ -11,14 +11,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 from pfgen.errors import PfgenError
 
@@ -72,30 +70,53 @@ def _remove(tmp: Path) -> None:
         pass
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """Write to the yielded temp path; it becomes `path` only if the block finishes without an exception.
+class atomic_output:  # noqa: N801 - used like contextlib.suppress: `with atomic_output(path) as tmp:`
+    """Write to the temp path `__enter__` returns; it becomes `path` only when the block ends without an
+    exception (or on `commit()`), and is removed otherwise (or on `discard()`).
 
-    OSErrors inside the block (disk full, read-only folder) become one-line `PfgenError`s.
+    OSErrors (disk full, read-only folder) become one-line `PfgenError`s naming `path`.
     """
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        if directory:
-            tmp.mkdir(mode=0o700)
-        yield tmp
-        if not tmp.exists():
-            raise PfgenError(f"nothing was written to {path}")
-        os.chmod(tmp, DIR_MODE if directory else FILE_MODE)
-        if directory and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise write_error(path, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
+
+    def __init__(self, path: str | Path, *, directory: bool = False):
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        self.directory = directory
+
+    def __enter__(self) -> Path:
+        if self.directory:
+            try:
+                self.tmp.mkdir(mode=0o700)
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+            return False
+        self.discard()
+        if isinstance(exc, OSError):
+            raise write_error(self.path, exc) from None
+        return False
+
+    def commit(self) -> Path:
+        try:
+            if not self.tmp.exists():
+                raise PfgenError(f"nothing was written to {self.path}")
+            os.chmod(self.tmp, DIR_MODE if self.directory else FILE_MODE)
+            if self.directory and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise write_error(self.path, exc) from None
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        _remove(self.tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -6,6 +6,9 @@ layer over this.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,18 +17,16 @@ import numpy as np
 import torch
 
 from pfgen.cache.engine import CacheGeometry, KVCache
-from pfgen.cache.policy import validate_cache_config
-from pfgen.config import Config, check_video_size, load_config, with_overrides
+from pfgen.config import POLICIES, Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
 from pfgen.frames import VAE_SPACE, latent_frames_for
-from pfgen.heads import HeadTypes
+from pfgen.heads import HeadTypes, head_type_rows, head_type_source
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
 from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
 from pfgen.wan.text import PromptEncoder
 
-POLICIES = ("rolling", "full", "pyramid")
 
 
 @dataclass
@@ -41,6 +42,46 @@ class PipelineOutput:
     latents: torch.Tensor | None = None
     frames: np.ndarray | None = None  # (B, frames, H, W, 3) float32 in [0, 1]
     path: Path | None = None
+
+
+def cache_bytes(cache_cfg, types, geometry: CacheGeometry, frames_per_chunk: int, dtype) -> int:
+    """`KVCache.nbytes()` of a cache before it exists (shape arithmetic on the meta device). The `full` cache
+    is linear in its frames, so it is sized from a one-chunk cache without building a layout per frame."""
+    if geometry.max_frames <= frames_per_chunk or "full" not in types[0]:
+        return KVCache(cache_cfg, types, geometry, frames_per_chunk, dtype, "meta").nbytes()
+    one = dataclasses.replace(geometry, max_frames=frames_per_chunk)
+    return cache_bytes(cache_cfg, types, one, frames_per_chunk, dtype) // frames_per_chunk * geometry.max_frames
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch: as given, else the CPUs this process may run on (its affinity and cgroup quota),
+    never more: on a shared machine oversubscribed threads make a run ~10x slower."""
+    torch.set_num_threads(threads or usable_cpus())
+
+
+def usable_cpus() -> int:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,22 +130,10 @@ class Pipeline:
 
     # -- cache ----------------------------------------------------------------------------------------------
     def head_types(self, policy: str, heads: str | HeadTypes | None = None) -> list[list[str]]:
-        """Per-head rule names for a policy (pyramid: from a head file, or `cache.all`)."""
+        """Per-head rule names for a policy (pyramid: `heads`, a head file or loaded types, else the config's)."""
         if policy not in POLICIES:
             raise PfgenError(f"unknown policy '{policy}'", f"choose from {', '.join(POLICIES)}")
-        if policy != "pyramid":
-            return [[policy] * self.heads for _ in range(self.layers)]
-        cache = self.config.cache
-        if heads is None and cache.all is not None:
-            types = HeadTypes.uniform(cache.all, self.layers, self.heads)
-        else:
-            source = heads if heads is not None else cache.heads
-            if source is None:
-                raise PfgenError("the pyramid policy needs head types",
-                                 "pass --heads FILE (pfgen profile-heads makes one) or set cache.all in the config")
-            types = source if isinstance(source, HeadTypes) else HeadTypes.load(source)
-        types.check_model(self.layers, self.heads)
-        return [list(row) for row in types.types]
+        return head_type_rows(head_type_source(self.config.cache, policy, heads), policy, self.layers, self.heads)
 
     def make_cache(self, policy: str, heads, batch: int, grid, max_frames: int) -> KVCache:
         """A KV cache for one video; reused (reset) when the next video has the same shape.
@@ -118,18 +147,24 @@ class Pipeline:
         types = [[row[h] for h in layer_order] for row, layer_order in zip(types, order)]
         key = (policy, str(types), batch, grid, max_frames if policy == "full" else 0)
         if key != self._cache_key:
-            try:
-                validate_cache_config(self.config.cache)
-            except ValueError as exc:
-                raise PfgenError(str(exc)) from None
             cfg = self.transformer.config
             geometry = CacheGeometry(self.layers, self.heads, cfg.attention_head_dim,
                                      (grid[0] // cfg.patch_size[1], grid[1] // cfg.patch_size[2]), batch, max_frames)
             self.state.cache = None  # free the previous cache before allocating
-            self.state.cache = KVCache(self.config.cache, types, geometry, self.config.sampling.frames_per_chunk,
-                                       self.dtype, self.device)
+            args = (self.config.cache, types, geometry, self.config.sampling.frames_per_chunk, self.dtype)
+            self._check_fits(cache_bytes(*args), policy, max_frames)
+            self.state.cache = KVCache(*args, self.device)
             self._cache_key = key
         return self.state.cache
+
+    def _check_fits(self, needed: int, policy: str, frames: int) -> None:
+        """Refuse a cache that cannot be allocated (the `full` policy grows with the video) before trying."""
+        free = free_memory(self.device)
+        if free is not None and needed > free:
+            hint = ("use --policy pyramid or rolling (bounded memory), or a shorter video" if policy == "full"
+                    else "lower --height/--width")
+            raise PfgenError(f"the {policy} KV cache for {frames} latent frames needs {needed / 2 ** 30:.1f} GiB, "
+                             f"{free / 2 ** 30:.1f} GiB of {self.device.type} memory is free", hint)
 
     # -- generation -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
@@ -193,14 +228,18 @@ class Pipeline:
         frames = torch.cat([c.frames for c in chunks], dim=2)
         return PipelineOutput(latents=latents, frames=((frames.float().permute(0, 2, 3, 4, 1) + 1) / 2).cpu().numpy())
 
-    def write_mp4(self, prompt, path, fps: int | None = None, on_chunk=None, **kwargs) -> Path:
-        """Stream a video into an mp4 (batch 1); the file appears only when complete."""
+    def write_mp4(self, prompt, path, fps: int | None = None, on_chunk=None, metadata: dict | None = None,
+                  **kwargs) -> Path:
+        """Stream a video into an mp4 (batch 1); the file appears only when complete and verified.
+
+        `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment."""
         if path is None:
             raise PfgenError("output_type='mp4' needs output_path")
         height = kwargs.get("height") or self.config.video.height
         width = kwargs.get("width") or self.config.video.width
         self.latent_grid(height, width)
-        with Mp4Writer(path, width, height, fps or self.config.video.fps) as writer:
+        tags = {"title": metadata.get("prompt", ""), "comment": json.dumps(metadata)} if metadata else None
+        with Mp4Writer(path, width, height, fps or self.config.video.fps, metadata=tags) as writer:
             for chunk in self.stream(prompt, **kwargs):
                 writer.write(to_uint8_frames(chunk.frames[0]))
                 if on_chunk is not None:
@@ -217,6 +256,7 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
                          runtime=dict(device=device, dtype=dtype))
     dev = resolve_device(cfg.runtime.device)
     dt = resolve_dtype(cfg.runtime.dtype, dev)
+    set_threads(cfg.runtime.threads)
     from pfgen.wan.components import load_components
 
     transformer, vae, encoder = load_components(cfg.model, dev, dt)

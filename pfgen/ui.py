@@ -1,4 +1,5 @@
-"""Terminal rendering with rich: the chunk progress bar and the inspect-cache tables."""
+"""Terminal rendering with rich: the chunk progress bar, the inspect-cache tables, and keeping the libraries' own
+bars and logs out of pfgen's output."""
 
 from __future__ import annotations
 
@@ -135,3 +136,28 @@ def print_agreement(console, report: dict, other) -> None:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+@contextmanager
+def library_output(verbose: bool):
+    """transformers / diffusers print weight-loading bars and advice; pfgen keeps them out unless --verbose."""
+    if verbose:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.enable_progress_bars()  # downloads keep their bars (transformers' switch turns them off too)
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(levels[0])
+        diffusers_logging.set_verbosity(levels[1])
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.enable_progress_bar()

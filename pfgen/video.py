@@ -7,13 +7,17 @@ clears the cache on every call, so it cannot be used chunk by chunk).
 
 from __future__ import annotations
 
-import os
 import queue
+import re
+import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pfgen.errors import PfgenError
+from pfgen.outputs import atomic_output
 
 
 class StreamingDecoder:
@@ -77,67 +81,124 @@ class PendingFrames:
         return self.host.numpy()
 
 
-class Mp4Writer:
-    """H.264 mp4 written by a background thread; the file appears only when complete.
+def _ffmpeg() -> str:
+    import imageio_ffmpeg
 
-    Frames go to `<dir>/.<name>.partial.mp4` and are renamed over `path` on `close()`. `abort()` (or leaving
-    the `with` block on an exception) deletes the partial file.
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def decoded_frames(path: str | Path) -> int:
+    """Decode every frame of an mp4's video stream and count them; a file that does not decode cleanly
+    (no moov atom, truncated, not a video) is a `PfgenError`."""
+    cmd = [_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "null",
+           "-progress", "pipe:1", "-nostats", "-"]
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    counts = [line.split("=", 1)[1] for line in run.stdout.splitlines() if line.startswith("frame=")]
+    if run.returncode != 0 or run.stderr.strip() or not counts:
+        reason = (run.stderr.strip().splitlines() or ["no video stream"])[-1]
+        raise PfgenError(f"{path} is not a readable video: {reason}")
+    return int(counts[-1])
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The container's metadata tags (what `Mp4Writer(metadata=...)` wrote)."""
+    run = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, errors="replace")
+    tags = {}
+    for line in run.stdout.splitlines():
+        if "=" in line and not line.startswith((";", "[")):
+            key, value = line.split("=", 1)
+            tags[key] = re.sub(r"\\(.)", r"\1", value)  # ffmetadata escapes = ; # \ with a backslash
+    return tags
+
+
+class Mp4Writer:
+    """H.264 mp4 encoded by ffmpeg fed from a background thread; the file appears only when complete and
+    verified.
+
+    Frames go to a temp file beside `path` (`pfgen.outputs.atomic_output`). `close()` checks ffmpeg's exit
+    status, decodes the file back and compares its frame count with what was written, and only then renames
+    it over `path`; any failure is a one-line `PfgenError` and leaves nothing behind. `abort()` (or leaving
+    the `with` block on an exception) deletes the temp file.
     """
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: int = 16, preset: str = "veryfast"):
-        import imageio_ffmpeg
-
+    def __init__(self, path: str | Path, width: int, height: int, fps: int = 16, preset: str = "veryfast",
+                 metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.stem}.partial.mp4")
+        self._output = atomic_output(self.path)
+        self.tmp = self._output.__enter__()
         self.frames_written = 0
-        self._writer = imageio_ffmpeg.write_frames(
-            str(self.tmp), (width, height), fps=fps, codec="libx264", macro_block_size=1, quality=None,
-            output_params=["-preset", preset, "-crf", "18"], pix_fmt_out="yuv420p", ffmpeg_log_level="error",
-        )
-        self._writer.send(None)
+        tags = [arg for key, value in (metadata or {}).items() for arg in ("-metadata", f"{key}={value}")]
+        cmd = [_ffmpeg(), "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0", "-an", "-c:v", "libx264",
+               "-preset", preset, "-crf", "18", "-pix_fmt", "yuv420p", *tags, str(self.tmp)]
+        # Own session: a Ctrl-C in the terminal reaches pfgen, which then stops ffmpeg itself.
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, start_new_session=True)
+        self._stderr: list[str] = []
+        self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._stderr_thread.start()
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
+
+    def _collect_stderr(self) -> None:
+        for line in iter(self._proc.stderr.readline, b""):
+            self._stderr.append(line.decode(errors="replace").strip())
 
     def _drain(self) -> None:
         while (frames := self._queue.get()) is not None:
             try:
                 if self._error is None:
                     frames = frames.resolve() if isinstance(frames, PendingFrames) else frames
-                    self._writer.send(np.ascontiguousarray(frames))
+                    self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
             except BaseException as exc:  # surfaced on the caller's thread
                 self._error = exc
 
     def write(self, frames) -> None:
         """Queue (F, H, W, 3) uint8 frames (numpy or `PendingFrames`); encoding overlaps with generation."""
         if self._error is not None:
-            raise self._error
+            self.abort()
+            raise self._encoder_error()
         self._queue.put(frames)
         self.frames_written += len(frames)
 
-    def close(self) -> Path:
-        self._queue.put(None)
-        self._thread.join()
-        self._writer.close()
-        if self._error is not None:
-            self._remove_tmp()
-            raise self._error
-        os.replace(self.tmp, self.path)
-        return self.path
+    def _encoder_error(self) -> PfgenError:
+        reason = next((line for line in reversed(self._stderr) if line), None) or str(self._error)
+        return PfgenError(f"could not encode {self.path}: {reason}")
 
-    def abort(self) -> None:
+    def close(self) -> Path:
+        """Finish the file, verify it, and move it into place."""
         self._queue.put(None)
         self._thread.join()
         try:
-            self._writer.close()
-        except Exception:
-            pass
-        self._remove_tmp()
+            self._proc.stdin.close()
+        except OSError as exc:  # the pipe broke: ffmpeg died
+            self._error = self._error or exc
+        code = self._proc.wait()
+        self._stderr_thread.join()
+        try:
+            if self._error is not None or code != 0:
+                raise self._encoder_error()
+            found = decoded_frames(self.tmp)
+            if found != self.frames_written:
+                raise PfgenError(f"{self.path}: the encoded video holds {found} frames, {self.frames_written} "
+                                 f"were written")
+        except BaseException:
+            self._output.discard()
+            raise
+        return self._output.commit()
 
-    def _remove_tmp(self) -> None:
-        if self.tmp.exists():
-            self.tmp.unlink()
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr_thread.join()
+        self._output.discard()
 
     def __enter__(self):
         return self

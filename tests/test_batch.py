@@ -1,7 +1,6 @@
 """Batch mode of `pfgen generate`: a prompt suite on 2 gloo ranks, resuming after a kill, one sub-folder per
 policy, and every malformed prompts file named by its line."""
 
-import hashlib
 import json
 import os
 import signal
@@ -16,11 +15,12 @@ import pytest
 from pfgen.batch import MANIFEST, REQUEST_KEYS
 from pfgen.cli import main
 from pfgen.errors import PfgenError
+from pfgen.heads import HeadTypes
 
 SIZE = ["--seconds", "1", "--height", "64", "--width", "96"]
 PROMPTS = "a red kite over the sea\n\na cat on a sofa\n# not a prompt\nwaves at night\n\nsnow on a city\n"
 NAMES = ["0000-a-red-kite-over-the-sea", "0001-a-cat-on-a-sofa", "0002-waves-at-night", "0003-snow-on-a-city"]
-FIELDS = {*REQUEST_KEYS, "name", "file", "index", "heads", "latent_frames", "video_seconds", "wall_seconds",
+FIELDS = {*REQUEST_KEYS, "name", "file", "index", "bytes", "latent_frames", "video_seconds", "wall_seconds",
           "first_frame_seconds", "generation_fps", "peak_memory_bytes", "memory_kind", "device", "rank",
           "world_size", "pfgen_version", "finished_at"}
 TINY_HEADS = Path(__file__).resolve().parents[1] / "pfgen" / "configs" / "heads" / "tiny.json"
@@ -82,7 +82,7 @@ def test_two_ranks_write_every_video_and_one_manifest(tmp_path):
         assert set(entry) == FIELDS
         assert (entry["index"], entry["seed"], entry["rank"], entry["world_size"]) == (i, i, i % 2, 2)
         assert (entry["policy"], entry["frames"], entry["height"], entry["width"]) == ("pyramid", 21, 64, 96)
-        assert entry["heads_sha256"] == hashlib.sha256(TINY_HEADS.read_bytes()).hexdigest()
+        assert entry["heads_sha256"] == entry["config"]["cache"]["heads"] == HeadTypes.load(TINY_HEADS).sha256()
         assert entry["wall_seconds"] > 0 and entry["peak_memory_bytes"] > 0
     assert no_leftovers(out)
 
@@ -142,7 +142,7 @@ def test_policies_into_sub_folders_from_jsonl(tmp_path, capsys, monkeypatch, one
     assert sorted(stamps(out)) == files
     entries = {e["file"]: e for e in manifest(out)}
     assert sorted(entries) == files
-    sha = hashlib.sha256(TINY_HEADS.read_bytes()).hexdigest()
+    sha = HeadTypes.load(TINY_HEADS).sha256()
     for policy in ("rolling", "pyramid"):
         kite, cat = entries[f"{policy}/kite.mp4"], entries[f"{policy}/0001-a-cat.mp4"]
         assert (kite["seed"], kite["frames"], cat["seed"], cat["frames"]) == (7, 9, 1, 21)
@@ -164,34 +164,61 @@ def test_policies_into_sub_folders_from_jsonl(tmp_path, capsys, monkeypatch, one
 
 def test_prepare_recovers_what_a_killed_run_left(tmp_path):
     """Rank 0's plan: merge leftover parts (a torn last line is skipped), drop entries whose video is gone, keep
-    entries of earlier runs, delete stale partial mp4s; only unfinished videos are left to do."""
+    entries of earlier runs, delete stale partial mp4s, re-check finished videos (size, decoded frames); only
+    unfinished or damaged videos are left to do."""
+    from contextlib import ExitStack
+
+    import numpy as np
+
     from pfgen.batch import BatchRequest, plan_jobs, prepare, read_prompts
     from pfgen.config import load_config
+    from pfgen.video import Mp4Writer
 
     cfg, out = load_config(None), tmp_path / "out"
     (tmp_path / "p.txt").write_text(PROMPTS)
     req = BatchRequest(tmp_path / "p.txt", out, None, 0, 17, height=64, width=96)
     jobs = plan_jobs(cfg, req, read_prompts(req.prompts, 0, 17, 16))
     out.mkdir()
-    for job in jobs[:3]:
-        (out / job.file).write_bytes(b"mp4")
+    entries = []
+    for job in jobs[:4]:
+        with Mp4Writer(out / job.file, 96, 64) as writer:
+            writer.write(np.zeros((job.request["frames"], 64, 96, 3), np.uint8))
+        entries.append({**job.request, "bytes": (out / job.file).stat().st_size})
+    (out / jobs[2].file).unlink()  # a killed run: no entry, no file
+    data = (out / jobs[3].file).read_bytes()
+    (out / jobs[3].file).write_bytes(data[:len(data) // 2])  # finished, then damaged: redone
     earlier = {"file": "other-run.mp4", "finished_at": "2020"}
     (out / "other-run.mp4").write_bytes(b"mp4")
-    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in (jobs[0].request, jobs[3].request, earlier)))
-    (out / ".manifest.rank1.jsonl").write_text(json.dumps(jobs[1].request) + '\n{"file": "0002-wav')
-    (out / f".{NAMES[2]}.partial.mp4").write_bytes(b"half")
-    todo, total = prepare(cfg, req)
+    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in (entries[0], entries[3], earlier)))
+    (out / ".manifest.rank1.jsonl").write_text(json.dumps(entries[1]) + '\n{"file": "0002-wav')
+    (out / f".{NAMES[2]}.12345678-ab12cd.partial.mp4").write_bytes(b"half")  # its pid is gone
+    redone = []
+    with ExitStack() as held:
+        todo, total = prepare(cfg, req, held.enter_context, lambda file, why: redone.append((file, why)))
+        assert (out / ".pfgen.lock").exists()
     assert total == 4 and [job.file for job in todo] == [f"{NAMES[2]}.mp4", f"{NAMES[3]}.mp4"]
-    assert [e["file"] for e in manifest(out)] == [f"{NAMES[0]}.mp4", f"{NAMES[1]}.mp4", "other-run.mp4"]
-    assert no_leftovers(out)
+    assert [file for file, _ in redone] == [f"{NAMES[3]}.mp4"] and "size" in redone[0][1]
+    assert [e["file"] for e in manifest(out)] == [f"{NAMES[0]}.mp4", f"{NAMES[1]}.mp4", f"{NAMES[3]}.mp4",
+                                                  "other-run.mp4"]
+    assert no_leftovers(out) and not (out / ".pfgen.lock").exists()
     (out / MANIFEST).write_text('{"file": "a.mp4"}\nnot json\n')
-    with pytest.raises(PfgenError, match="manifest.jsonl, line 2: not a manifest entry"):
-        prepare(cfg, req)
+    with pytest.raises(PfgenError, match="manifest.jsonl, line 2: not a manifest entry"), ExitStack() as held:
+        prepare(cfg, req, held.enter_context)
+
+
+def test_prompts_file_kind_comes_from_the_extension_and_a_bom_is_dropped(tmp_path):
+    from pfgen.batch import read_prompts
+
+    text = tmp_path / "p.txt"
+    text.write_bytes('\ufeff{braces} start this prompt\nplain\n'.encode("utf-8"))
+    assert [i.prompt for i in read_prompts(text, 0, 9, 16)] == ["{braces} start this prompt", "plain"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes('\ufeff{"prompt": "a kite"}\n'.encode("utf-8"))
+    assert [i.prompt for i in read_prompts(jsonl, 0, 9, 16)] == ["a kite"]
 
 
 @pytest.mark.parametrize("name, text, message", [
     ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"\n', 'line 3: not valid JSON'),
-    ("p.txt", '{"prompt": "a"}\n{oops}\n', 'line 2: not valid JSON'),
     ("p.jsonl", '{"seed": 1}\n', 'line 1: "prompt" must be a non-empty string'),
     ("p.jsonl", '["a"]\n', 'line 1: expected a JSON object'),
     ("p.jsonl", '{"prompt": "a", "sed": 1}\n', "line 1: unknown key 'sed'"),

@@ -47,7 +47,7 @@ def test_embedded_generate_writes_mp4(tmp_path):
     (["--seconds", "abc"], "Invalid value for '--seconds'"),
     (["--frames", "0"], "--frames must be at least 1"),
     (["--height", "100"], "--height 100 is not a positive multiple of 16"),
-    (["--policy", "banana"], "unknown policy 'banana'"),
+    (["--policy", "banana"], "--policy 'banana' is unknown"),
     (["--config", "does/not/exist.yaml"], "config file not found"),
     (["--bogus", "1"], "No such option: --bogus"),
 ])

@@ -9,12 +9,13 @@ two processes ever write the same file.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 
 from pfgen import __version__
 from pfgen.batch.manifest import MANIFEST, REQUEST_KEYS, append_entry, merge_manifest, prepare
-from pfgen.batch.ranks import Ranks, distributed, terminate_as_interrupt
+from pfgen.batch.ranks import Ranks, distributed
 from pfgen.batch.suite import BatchRequest, Job, check_options, parse_policies, plan_jobs, read_prompts
 from pfgen.config import Config
 
@@ -22,17 +23,20 @@ __all__ = ["BatchRequest", "MANIFEST", "REQUEST_KEYS", "check_options", "parse_p
            "read_prompts", "run_batch"]
 
 
-def run_batch(cfg: Config, req: BatchRequest, console) -> None:
+def run_batch(cfg: Config, req: BatchRequest, console, verbose: bool = False) -> None:
     """Plan on rank 0, generate this rank's share of the unfinished videos, merge the manifest on rank 0."""
-    with terminate_as_interrupt(), distributed() as ranks:
-        todo, total = ranks.share(lambda: prepare(cfg, req))
+    def redo(file, reason):
+        console.print(f"redoing {file}: {reason}", highlight=False, markup=False, soft_wrap=True)
+
+    with distributed() as ranks, ExitStack() as held:
+        todo, total = ranks.share(lambda: prepare(cfg, req, held.enter_context, redo))
         mine = todo[ranks.rank::ranks.world]
         if ranks.rank == 0:
             where = f" on {ranks.world} ranks" if ranks.world > 1 else ""
             console.print(f"{total} videos: {total - len(todo)} already complete, {len(todo)} to generate{where}",
                           highlight=False, soft_wrap=True)
         if mine:
-            _generate_jobs(ranks.place(cfg), req, mine, ranks, console)
+            _generate_jobs(ranks.place(cfg), req, mine, ranks, console, verbose)
         ranks.barrier()
         if ranks.rank == 0:
             entries = merge_manifest(req.output_dir)
@@ -40,14 +44,16 @@ def run_batch(cfg: Config, req: BatchRequest, console) -> None:
                           soft_wrap=True)
 
 
-def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks, console) -> None:
+def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks, console, verbose: bool) -> None:
     """Load the model once, then stream every job; each finished video is appended to this rank's part."""
     from pfgen.generate import generate_video
     from pfgen.pipeline import load_pipeline
+    from pfgen.ui import library_output
 
-    pipe = load_pipeline(cfg)
-    for policy in dict.fromkeys(job.policy for job in jobs):
-        pipe.head_types(policy, req.heads)  # a wrong head file fails before any output exists
+    with library_output(verbose):
+        pipe = load_pipeline(cfg)
+    for job in {job.policy: job for job in jobs}.values():
+        pipe.head_types(job.policy, job.heads)  # head types that do not fit the model fail before any output
     if cfg.model.checkpoint is None and ranks.rank == 0:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the videos are noise-like")
     part = req.output_dir / f".manifest.rank{ranks.rank}.jsonl"
@@ -55,7 +61,7 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
     with _chunk_bar(console, live=ranks.world == 1) as on_chunk:
         for n, job in enumerate(jobs, 1):
             stats = generate_video(pipe, job.item.prompt, req.output_dir / job.file, num_frames=job.item.num_frames,
-                                   seed=job.item.seed, policy=job.policy, heads=req.heads, height=req.height,
+                                   seed=job.item.seed, policy=job.policy, heads=job.heads, height=req.height,
                                    width=req.width, on_chunk=on_chunk(f"{prefix}{n}/{len(jobs)} {job.file}"))
             append_entry(part, _entry(job, stats, pipe.device, ranks))
             console.print(f"{prefix}[{n}/{len(jobs)}] {stats.summary()}", highlight=False, markup=False,
@@ -64,7 +70,7 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
 
 def _entry(job: Job, stats, device, ranks: Ranks) -> dict:
     """The request, then how it went: timing, peak memory, where it ran."""
-    return {**job.request, "latent_frames": stats.latent_frames, "video_seconds": stats.video_seconds,
+    return {**job.request, "bytes": os.path.getsize(stats.path), "latent_frames": stats.latent_frames, "video_seconds": stats.video_seconds,
             "wall_seconds": stats.wall_seconds, "first_frame_seconds": stats.first_frame_seconds,
             "generation_fps": stats.fps, "peak_memory_bytes": stats.peak_memory_bytes,
             "memory_kind": stats.memory_kind, "device": str(device), "rank": ranks.rank, "world_size": ranks.world,

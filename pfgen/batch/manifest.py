@@ -14,7 +14,7 @@ from pathlib import Path
 from pfgen.batch.suite import BatchRequest, Job, plan_jobs, read_prompts
 from pfgen.config import Config
 from pfgen.errors import PfgenError
-from pfgen.outputs import atomic_write_text
+from pfgen.outputs import atomic_write_text, check_folder_writable, output_lock, remove_stale_partials
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = ".manifest.rank*.jsonl"
@@ -59,8 +59,13 @@ def merge_manifest(out_dir: Path) -> dict[str, dict]:
     return entries
 
 
-def pending(jobs: list[Job], entries: dict[str, dict], out_dir: Path) -> list[Job]:
-    """Jobs without a finished video; a finished one made from a different request is an error, not a skip."""
+def pending(jobs: list[Job], entries: dict[str, dict], out_dir: Path, on_redo=None) -> list[Job]:
+    """Jobs without a finished, intact video; a finished one made from a different request is an error.
+
+    What the manifest calls finished is checked again: the file's size, and its decoded frame count. A
+    missing or damaged video is redone (`on_redo(file, reason)` is told why)."""
+    from pfgen.video import decoded_frames
+
     todo = []
     for job in jobs:
         entry = entries.get(job.file)
@@ -71,11 +76,26 @@ def pending(jobs: list[Job], entries: dict[str, dict], out_dir: Path) -> list[Jo
         if changed:
             raise PfgenError(f"{out_dir / job.file} exists but was made with other settings: {', '.join(changed)}",
                              "use another --output-dir, or delete that video to redo it")
+        path = out_dir / job.file
+        try:
+            size = path.stat().st_size
+            damage = (f"its size is {size} bytes, the manifest says {entry['bytes']}"
+                      if size != entry.get("bytes", size) else None)
+            if damage is None and (found := decoded_frames(path)) != entry["frames"]:
+                damage = f"it holds {found} frames, the manifest says {entry['frames']}"
+        except (OSError, PfgenError) as exc:
+            damage = str(exc)
+        if damage is not None:
+            if on_redo is not None:
+                on_redo(job.file, damage)
+            todo.append(job)
     return todo
 
 
-def prepare(cfg: Config, req: BatchRequest) -> tuple[list[Job], int]:
-    """Rank 0's plan: check the inputs, create the folders, recover a killed run; -> (jobs to do, total)."""
+def prepare(cfg: Config, req: BatchRequest, hold, on_redo=None) -> tuple[list[Job], int]:
+    """Rank 0's plan, under the output folder's lock: check the inputs, create the folders, recover a killed
+    run; -> (jobs to do, total). `hold(lock)` acquires the lock for the rest of the run (an ExitStack's
+    enter_context)."""
     items = read_prompts(req.prompts, req.seed, req.num_frames, cfg.video.fps)
     jobs = plan_jobs(cfg, req, items)
     out_dir = req.output_dir
@@ -83,12 +103,14 @@ def prepare(cfg: Config, req: BatchRequest) -> tuple[list[Job], int]:
         raise PfgenError(f"--output-dir {out_dir} is a file", "give a folder")
     if not out_dir.parent.is_dir():
         raise PfgenError(f"folder {out_dir.parent} does not exist", "create it first or choose another --output-dir")
+    out_dir.mkdir(exist_ok=True)
+    check_folder_writable(out_dir)
+    hold(output_lock(out_dir))  # a second run on this folder is refused, naming this one's pid
     folders = {out_dir / Path(job.file).parent for job in jobs}
     for folder in sorted(folders):
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.partial.mp4"):  # left by a killed process
-            stale.unlink()
-    return pending(jobs, merge_manifest(out_dir), out_dir), len(jobs)
+        remove_stale_partials(folder)  # left by a killed process; a live one's are kept
+    return pending(jobs, merge_manifest(out_dir), out_dir, on_redo), len(jobs)
 
 
 def append_entry(path: Path, entry: dict) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -78,20 +76,3 @@ def distributed():
         yield Ranks(dist.get_rank(), dist.get_world_size(), local if cuda else None)
     finally:
         dist.destroy_process_group()
-
-
-@contextmanager
-def terminate_as_interrupt():
-    """torchrun stops workers with SIGTERM: make it an interrupt, so the mp4 writer deletes its partial file."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
@@ -32,6 +31,7 @@ class Job:
     policy: str
     file: str  # relative to the output folder
     request: dict
+    heads: object = None  # the loaded HeadTypes of a pyramid video (None: the config decides, e.g. cache.all)
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,17 @@ def parse_policies(text: str | None) -> tuple[str, ...] | None:
 
 
 def read_prompts(path: Path, base_seed: int, num_frames: int, fps: int) -> list[BatchItem]:
-    """Plain text (one prompt per line; blank lines and # comments skipped) or JSONL (one object per line)."""
+    """Plain text (one prompt per line; blank lines and # comments skipped) or, for a `.jsonl` file, JSONL (one
+    object per line). A UTF-8 byte-order mark is dropped."""
     from pfgen.frames import frames_for_seconds
 
     if not path.is_file():
         raise PfgenError(f"prompts file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise PfgenError(f"prompts file {path} is not UTF-8 text") from None
-    first = next((s.strip() for s in lines if s.strip()), "")
-    jsonl = path.suffix.lower() == ".jsonl" or first.startswith("{")
+    jsonl = path.suffix.lower() == ".jsonl"
     items, names = [], {}
     for number, text in enumerate(lines, 1):
         text = text.strip()
@@ -147,31 +147,23 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
     """Every (policy, prompt) video, policy-major so that a rank reuses one cache allocation per policy."""
     from pfgen.frames import latent_frames_for, video_frames_for
 
+    from pfgen.heads import HeadTypes, head_type_source
+
     policies = req.policies or (cfg.cache.policy,)
     jobs = []
     for policy in policies:
-        heads = _head_file(cfg, policy, req.heads)
-        sha = hashlib.sha256(heads.read_bytes()).hexdigest() if heads is not None else None
-        config = json.loads(json.dumps(to_dict(with_overrides(cfg, cache=dict(policy=policy)))))
+        source = head_type_source(cfg.cache, policy, req.heads)  # loaded once; the videos get these types
+        sha = source.sha256() if isinstance(source, HeadTypes) else None
+        config = to_dict(with_overrides(cfg, cache=dict(policy=policy)))
+        # Identify the head file by its content, not by where this install keeps it, so a run resumes from
+        # another virtualenv or checkout.
+        config["cache"]["heads"] = sha
+        config = json.loads(json.dumps(config))
         for item in items:
             file = f"{policy}/{item.name}.mp4" if req.policies else f"{item.name}.mp4"
             frames = video_frames_for(latent_frames_for(item.num_frames, cfg.sampling.frames_per_chunk))
             request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
                            policy=policy, frames=frames, height=req.height or cfg.video.height,
-                           width=req.width or cfg.video.width, heads=str(heads) if heads else None,
-                           heads_sha256=sha, config=config)
-            jobs.append(Job(item, policy, file, request))
+                           width=req.width or cfg.video.width, heads_sha256=sha, config=config)
+            jobs.append(Job(item, policy, file, request, source if isinstance(source, HeadTypes) else None))
     return jobs
-
-
-def _head_file(cfg: Config, policy: str, heads: Path | None) -> Path | None:
-    """The head-type JSON a pyramid video reads (as `Pipeline.head_types` resolves it), checked early."""
-    from pfgen.heads import HeadTypes
-
-    if policy != "pyramid" or (heads is None and cfg.cache.all is not None):
-        return None
-    source = heads if heads is not None else cfg.cache.heads
-    if source is None:
-        return None  # the pipeline names the missing head file before any video is written
-    HeadTypes.load(source)
-    return Path(source)

@@ -98,7 +98,7 @@ def read_weights(path: str | Path, ema: bool) -> tuple[dict, dict | None]:
             raise PfgenError(f"{path} holds no .safetensors weights", "give a diffusers transformer folder")
         state = _read_safetensors(files)
         config_file = path / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else None
+        config = _read_config(config_file) if config_file.exists() else None
         is_diffusers = config is not None and config.get("_class_name") == "WanTransformer3DModel"
         return (state, config) if is_diffusers else (wan_to_diffusers(strip_prefixes(state)), None)
     if path.suffix == ".safetensors":
@@ -106,13 +106,35 @@ def read_weights(path: str | Path, ema: bool) -> tuple[dict, dict | None]:
     return wan_to_diffusers(read_training_checkpoint(path, ema)), None
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PfgenError(f"{path} is not valid JSON", "restore the folder's config.json (pfgen convert writes one)") \
+            from None
+    if not isinstance(config, dict):
+        raise PfgenError(f"{path} does not hold a model config (expected a JSON object)")
+    return config
+
+
 def _read_safetensors(files) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PfgenError(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0][:80]})",
+                             "re-download or re-convert the weights") from None
     return state
+
+
+def fp32_pattern(model) -> re.Pattern | None:
+    """Parameter names diffusers keeps in float32 under any torch_dtype (`_keep_in_fp32_modules`)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return re.compile("|".join(rf"(^|\.){re.escape(k)}($|\.)" for k in keep)) if keep else None
 
 
 def infer_architecture(state: dict, num_heads: int | None = None) -> dict:
@@ -146,8 +168,6 @@ def build_strict(config: dict, state: dict, dtype: torch.dtype):
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from pfgen.wan.components import fp32_pattern
-
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
     expected = model.state_dict()
@@ -180,7 +200,11 @@ def load_transformer(model_cfg, dtype: torch.dtype):
         config = infer_architecture(state, model_cfg.num_heads)
     else:
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-    return build_strict(config, state, dtype)
+    try:
+        return build_strict(config, state, dtype)
+    except (TypeError, ValueError) as exc:  # a config.json whose values diffusers cannot build a model from
+        raise PfgenError(f"{model_cfg.checkpoint}: its config does not describe a Wan transformer "
+                         f"({str(exc).splitlines()[0][:100]})") from None
 
 
 def save_diffusers(model, directory: str | Path) -> Path:

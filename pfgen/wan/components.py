@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from pfgen.wan.checkpoint import fp32_pattern
 from pfgen.wan.text import PromptEncoder
-
-
-def fp32_pattern(model) -> re.Pattern | None:
-    """Parameter names diffusers keeps in float32 under any torch_dtype (`_keep_in_fp32_modules`)."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    return re.compile("|".join(rf"(^|\.){re.escape(k)}($|\.)" for k in keep)) if keep else None
 
 
 def place(model, device, dtype):

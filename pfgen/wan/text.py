@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 TEXT_TOKENS = 512
@@ -19,7 +21,12 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 512, d_model) embeddings on the encoder's device, in its dtype."""
+        """(B, 512, d_model) embeddings on the encoder's device, in its dtype; a longer prompt is cut (warned)."""
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+            if count > TEXT_TOKENS:
+                warnings.warn(f"the prompt {prompt[:40]!r}... has {count} tokens; the model reads the first "
+                              f"{TEXT_TOKENS}")
         ids = self.tokenizer(prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         mask = ids.attention_mask.to(self.device)
