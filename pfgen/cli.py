@@ -128,7 +128,8 @@ def generate(
     from pfgen.config import check_seed, check_video_size
     from pfgen.frames import length_in_frames
     from pfgen.heads import HeadTypes, head_type_source
-    from pfgen.outputs import check_output_path, check_outputs
+    from pfgen.generate import latents_bytes
+    from pfgen.outputs import check_free_space, check_output_path, check_outputs
 
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
     if batch and as_json:
@@ -152,6 +153,7 @@ def generate(
     output = check_output_path(output or Path("pfgen.mp4"), ".mp4", overwrite=overwrite, option="--output")
     if save_latents is not None:
         save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
+        check_free_space(save_latents, latents_bytes(cfg, num_frames, height, width), "--save-latents")
     check_outputs(output=output, save_latents=save_latents)
     from pfgen.outputs import output_lock
 
@@ -310,10 +312,11 @@ def convert(
     from pfgen.pipeline import resolve_dtype
     from pfgen.wan.checkpoint import load_transformer, save_diffusers
 
+    from pfgen.outputs import check_folder_writable
+
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PfgenError(f"output {output} already exists", "choose a new folder")
-    if not output.parent.exists():
-        raise PfgenError(f"output folder {output.parent} does not exist")
+    check_folder_writable(output.parent)
     import torch
 
     model_cfg = ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads)

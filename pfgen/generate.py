@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
-from pfgen.frames import latent_frames_for, video_frames_for
+from pfgen.frames import VAE_SPACE, latent_frames_for, video_frames_for
 from pfgen.outputs import atomic_output
 from pfgen.pipeline import Pipeline
+
+
+LATENT_CHANNELS = 16  # the Wan VAE's
 
 
 @dataclass
@@ -85,11 +88,24 @@ def generate_video(pipe: Pipeline, prompt: str, output: str | Path, *, num_frame
                    heads=heads, height=height, width=width, on_chunk=chunk_done, metadata=metadata)
     wall = time.perf_counter() - start
     if save_latents is not None:
-        _save_latents(torch.cat(kept, dim=2), save_latents, prompt, seed)
+        try:
+            _save_latents(torch.cat(kept, dim=2), save_latents, prompt, seed)
+        except BaseException:  # one run, one outcome: no video without its latents
+            output.unlink(missing_ok=True)
+            raise
     frames = video_frames_for(latent)
     peak, kind = peak_memory(pipe.device)
     return VideoStats(str(output), frames, latent, frames / pipe.config.video.fps, wall, first[0], frames / wall,
                       peak, kind, metadata)
+
+
+def latents_bytes(cfg, num_frames: int, height: int | None, width: int | None) -> int:
+    """Upper bound of the `--save-latents` file: 16 channels x latent frames x latent pixels in float32, plus
+    the safetensors header."""
+
+    latent = latent_frames_for(num_frames, cfg.sampling.frames_per_chunk)
+    pixels = (height or cfg.video.height) // VAE_SPACE * ((width or cfg.video.width) // VAE_SPACE)
+    return LATENT_CHANNELS * latent * pixels * 4 + 4096
 
 
 def video_metadata(pipe: Pipeline, prompt: str, seed: int, policy: str) -> dict:

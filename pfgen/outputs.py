@@ -139,8 +139,7 @@ def check_folder_writable(folder: Path) -> None:
         probe.write_bytes(b"")
     except OSError as exc:
         raise write_error(folder, exc) from None
-    finally:
-        probe.unlink(missing_ok=True)
+    probe.unlink()
 
 
 def check_output_path(path: str | Path, suffix: str | None = None, *, overwrite: bool = True,
@@ -158,6 +157,14 @@ def check_output_path(path: str | Path, suffix: str | None = None, *, overwrite:
     return path
 
 
+def check_free_space(path: Path, needed: int, option: str) -> None:
+    """Refuse an output of known size that its folder's free space cannot hold (checked before the work)."""
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise PfgenError(f"{option} {path} needs {needed / 2 ** 20:.1f} MiB, its folder has "
+                         f"{free / 2 ** 20:.1f} MiB free", "free some space or write elsewhere")
+
+
 def check_outputs(**outputs: Path | None) -> None:
     """Refuse two outputs of one run that share a path (one would destroy the other)."""
     seen: dict[Path, str] = {}
@@ -165,10 +172,10 @@ def check_outputs(**outputs: Path | None) -> None:
         if path is None:
             continue
         key = Path(os.path.abspath(Path(path).expanduser()))
+        option = "--" + option.replace("_", "-")
         if key in seen:
-            raise PfgenError(f"--{seen[key]} and --{option} are the same file ({path})",
-                             "give each output its own path")
-        seen[key] = option.replace("_", "-")
+            raise PfgenError(f"{seen[key]} and {option} are the same file ({path})", "give each output its own path")
+        seen[key] = option
 
 
 class OutputLock:

@@ -10,6 +10,11 @@ from pfgen.frames import video_frames_for
 from pfgen.generate import format_bytes
 
 
+def count(n: int, noun: str) -> str:
+    """"1 video", "2 videos"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @contextmanager
 def chunk_progress(console, fps: int):
     """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA."""

@@ -166,6 +166,7 @@ class Mp4Writer:
 
     def _encoder_error(self) -> PfgenError:
         reason = next((line for line in reversed(self._stderr) if line), None) or str(self._error)
+        reason = re.sub(r"^\[[^]]*\]\s*", "", reason)  # ffmpeg's "[out#0/mp4 @ 0x...]" prefix
         return PfgenError(f"could not encode {self.path}: {reason}")
 
     def close(self) -> Path:

@@ -18,6 +18,7 @@ from pfgen.batch.manifest import MANIFEST, REQUEST_KEYS, append_entry, merge_man
 from pfgen.batch.ranks import Ranks, distributed
 from pfgen.batch.suite import BatchRequest, Job, check_options, parse_policies, plan_jobs, read_prompts
 from pfgen.config import Config
+from pfgen.ui import count
 
 __all__ = ["BatchRequest", "MANIFEST", "REQUEST_KEYS", "check_options", "parse_policies", "plan_jobs", "prepare",
            "read_prompts", "run_batch"]
@@ -33,14 +34,14 @@ def run_batch(cfg: Config, req: BatchRequest, console, verbose: bool = False) ->
         mine = todo[ranks.rank::ranks.world]
         if ranks.rank == 0:
             where = f" on {ranks.world} ranks" if ranks.world > 1 else ""
-            console.print(f"{total} videos: {total - len(todo)} already complete, {len(todo)} to generate{where}",
+            console.print(f"{count(total, 'video')}: {total - len(todo)} already complete, {len(todo)} to generate{where}",
                           highlight=False, soft_wrap=True)
         if mine:
             _generate_jobs(ranks.place(cfg), req, mine, ranks, console, verbose)
         ranks.barrier()
         if ranks.rank == 0:
             entries = merge_manifest(req.output_dir)
-            console.print(f"wrote {req.output_dir / MANIFEST}: {len(entries)} videos", highlight=False,
+            console.print(f"wrote {req.output_dir / MANIFEST}: {count(len(entries), 'video')}", highlight=False,
                           soft_wrap=True)
 
 
