@@ -54,14 +54,22 @@ class ClipScorer:
     """A CLIP model and tokenizer loaded with local_files_only=True."""
 
     def __init__(self, model_id: str = DEFAULT_CLIP):
-        from transformers import AutoTokenizer, CLIPModel
+        from pathlib import Path
 
+        from transformers import AutoTokenizer, CLIPModel
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # no load-report noise on the console: the weights are checked below
+        logging.disable_progress_bar()
         try:
             self.model = CLIPModel.from_pretrained(model_id, local_files_only=True).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise PfgenError(f"--deep: no local CLIP weights for {model_id} ({type(exc).__name__})",
-                             f"run: hf download {model_id}  (or give --clip-model with a local folder)") from None
+        except (OSError, ValueError):
+            if Path(model_id).expanduser().exists():
+                raise PfgenError(f"--deep: {model_id} is not a CLIP model folder",
+                                 "give a folder written by CLIPModel.save_pretrained, with its tokenizer") from None
+            raise PfgenError(f"--deep: no CLIP weights for {model_id} in the local Hugging Face cache",
+                             f"run `hf download {model_id}` first, or give --clip-model a local folder") from None
         self.size = int(self.model.config.vision_config.image_size)
 
     def sampler(self, fps: float) -> FrameSampler:

@@ -92,17 +92,17 @@ def compare(comparison: Comparison, results: dict[VideoRef, dict], metrics: list
     out = []
     for ref in comparison.videos[1:]:
         other = results[ref]
-        if base["frames"] != other["frames"] or base["fps"] != other["fps"]:
-            common = min(base["seconds"], other["seconds"])
-            warnings.append(f"{comparison.name}: {base['label']} is {base['seconds']:.2f} s and {other['label']} "
-                            f"{other['seconds']:.2f} s long: compared over the common {common:.2f} s")
         windows = []
         for wa, wb in zip(base["windows"], other["windows"]):
             if abs(wa["end_s"] - wb["end_s"]) > 1e-6:  # a window one video covers only in part
                 break
             windows.append({"start_s": wa["start_s"], "end_s": wa["end_s"],
                             **{m: _difference(wa.get(m), wb.get(m)) for m in metrics}})
+        common = windows[-1]["end_s"] if windows else 0.0
+        if base["frames"] != other["frames"] or base["fps"] != other["fps"]:
+            warnings.append(f"{comparison.name}: {base['label']} is {base['seconds']:.2f} s and {other['label']} "
+                            f"{other['seconds']:.2f} s long: compared over the first {common:g} s")
         out.append({"name": comparison.name, "baseline": base["label"], "other": other["label"],
-                    "common_s": windows[-1]["end_s"] if windows else 0.0, "windows": windows})
+                    "common_s": common, "windows": windows})
     return out
 
