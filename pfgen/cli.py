@@ -272,7 +272,8 @@ def evaluate(
                                           "locally cached weights"),
     prompt: Optional[str] = typer.Option(None, help="--deep: the prompt (default: manifest.jsonl or the mp4's "
                                                     "metadata)"),
-    clip_model: str = typer.Option("openai/clip-vit-base-patch32", help="--deep: Hugging Face id or local folder"),
+    clip_model: Optional[str] = typer.Option(None, help="--deep: Hugging Face id or local folder (default: "
+                                                        "openai/clip-vit-base-patch32)"),
 ):
     """Metrics per time window (brightness, colour drift, flicker, sharpness, motion, repetition) and policy
     differences; see docs/evaluate.md."""

@@ -22,13 +22,13 @@ class EvaluateRequest:
     window_s: float = 5.0
     deep: bool = False
     prompt: str | None = None
-    clip_model: str = DEFAULT_CLIP
+    clip_model: str | None = None  # None: DEFAULT_CLIP
 
 
 def check_request(req: EvaluateRequest) -> None:
     if not (req.window_s > 0 and math.isfinite(req.window_s)):
         raise PfgenError(f"--window must be a positive number of seconds, got {req.window_s}")
-    if not req.deep and (req.prompt is not None or req.clip_model != DEFAULT_CLIP):
+    if not req.deep and (req.prompt is not None or req.clip_model is not None):
         raise PfgenError("--prompt and --clip-model are for --deep", "add --deep")
 
 
@@ -40,7 +40,7 @@ def evaluate(req: EvaluateRequest, on_video=lambda done, total, label: None) -> 
     if req.deep:
         from pfgen.evaluate.deep import ClipScorer
 
-        scorer = ClipScorer(req.clip_model)
+        scorer = ClipScorer(req.clip_model or DEFAULT_CLIP)
     warnings = list(selection.warnings)
     worse = {**WORSE, **(DEEP_WORSE if req.deep else {})}
     videos = list(dict.fromkeys(selection.videos))
