@@ -304,6 +304,7 @@ def evaluate(
     else:
         print_report(result)
 
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
     try:
