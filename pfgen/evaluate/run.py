@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfgen.errors import PfgenError
-from pfgen.evaluate.deep import DEEP_WORSE, DEFAULT_CLIP
+from pfgen.evaluate.deep import DEEP_WORSE, DEFAULT_CLIP, ClipScorer, add_deep_windows
 from pfgen.evaluate.metrics import WORSE, FrameFeatures, summarize, window_metrics
 from pfgen.evaluate.videos import Comparison, VideoRef, prompt_from_metadata, read_video, select_videos
 
@@ -36,11 +36,7 @@ def evaluate(req: EvaluateRequest, on_video=lambda done, total, label: None) -> 
     """Every selected video's windows and summary, every comparison's per-window differences, warnings."""
     check_request(req)
     selection = select_videos(list(req.paths))
-    scorer = None
-    if req.deep:
-        from pfgen.evaluate.deep import ClipScorer
-
-        scorer = ClipScorer(req.clip_model or DEFAULT_CLIP)
+    scorer = ClipScorer(req.clip_model or DEFAULT_CLIP) if req.deep else None  # imports transformers
     warnings = list(selection.warnings)
     worse = {**WORSE, **(DEEP_WORSE if req.deep else {})}
     videos = list(dict.fromkeys(selection.videos))
@@ -68,8 +64,6 @@ def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, war
               "width": meta.width, "height": meta.height, "frames": len(features),
               "seconds": len(features) / meta.fps}
     if sampler is not None:
-        from pfgen.evaluate.deep import add_deep_windows
-
         prompt = req.prompt or ref.prompt or prompt_from_metadata(ref.path)
         if prompt is None:
             warnings.append(f"{ref.label}: no prompt (not in a manifest or the mp4's metadata; give --prompt): "
