@@ -145,15 +145,17 @@ def test_identical_videos_give_zero_difference(planted, tmp_path):
     assert result["warnings"] == []
 
 
-def batch_folder(root, planted, manifest_policies=("rolling", "pyramid")):
-    """`pfgen generate --policies rolling,pyramid` layout: shared, rolling-only and pyramid-only videos."""
-    for policy, names in (("rolling", ("kite", "only-rolling")), ("pyramid", ("kite", "only-pyramid"))):
+def batch_folder(root, planted, policies=("rolling", "pyramid")):
+    """`pfgen generate --policies rolling,pyramid` layout: shared, first-policy-only and second-policy-only
+    videos, and the manifest (sorted by file, as batch mode writes it)."""
+    first, second = policies
+    for policy, names in ((first, ("kite", f"only-{first}")), (second, ("kite", f"only-{second}"))):
         (root / policy).mkdir(parents=True)
         for name in names:
-            source = {"kite": planted["loop" if policy == "pyramid" else "stable"]}.get(name, planted["short"])
+            source = {"kite": planted["loop" if policy == second else "stable"]}.get(name, planted["short"])
             shutil.copy(source, root / policy / f"{name}.mp4")
-    (root / "rolling" / ".kite.123-abc.partial.mp4").write_bytes(b"half a video")  # in progress: ignored
-    lines = [{"file": f"{p}/kite.mp4", "policy": p, "prompt": "a red kite over the sea"} for p in manifest_policies]
+    (root / first / ".kite.123-abc.partial.mp4").write_bytes(b"half a video")  # in progress: ignored
+    lines = [{"file": f"{p}/kite.mp4", "policy": p, "prompt": "a red kite over the sea"} for p in sorted(policies)]
     (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
 
@@ -171,12 +173,13 @@ def test_batch_folder_pairs_policies_by_name(planted, tmp_path):
     assert any("only-pyramid.mp4 is only in pyramid/" in w for w in selection.warnings)
 
 
-def test_policy_order_follows_the_manifest(planted, tmp_path):
-    """The baseline is the first policy of --policies (manifest order); without a manifest, alphabetical."""
-    out = batch_folder(tmp_path / "out", planted, manifest_policies=("rolling", "pyramid"))
-    assert [v.label for v in select_videos([out]).comparisons[0].videos] == ["rolling/kite", "pyramid/kite"]
-    (out / "manifest.jsonl").unlink()
-    assert [v.label for v in select_videos([out]).comparisons[0].videos] == ["pyramid/kite", "rolling/kite"]
+@pytest.mark.parametrize("policies, baseline", [(("rolling", "pyramid"), "rolling"), (("full", "pyramid"), "full"),
+                                                (("pyramid", "rolling"), "rolling"), (("zeta", "pyramid"), "pyramid")])
+def test_the_baseline_is_the_reference_policy(planted, tmp_path, policies, baseline):
+    """rolling, else full, else the alphabetically first policy; whatever order the folders were made in."""
+    out = batch_folder(tmp_path / "out", planted, policies)
+    other = next(p for p in policies if p != baseline)
+    assert [v.label for v in select_videos([out]).comparisons[0].videos] == [f"{baseline}/kite", f"{other}/kite"]
 
 
 def test_cli_json_on_a_batch_folder(planted, tmp_path, capsys):

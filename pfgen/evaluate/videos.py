@@ -2,8 +2,8 @@
 
 Arguments are mp4 files or batch output folders. A folder's own mp4s are evaluated one by one; its
 sub-folders (`out/rolling/x.mp4`, `out/pyramid/x.mp4`, as `pfgen generate --policies` writes them) are
-policies, and videos of the same name under different policies form one comparison, the first policy (in
-manifest order, else alphabetical) being the baseline. Two or more mp4 files given on the command line form
+policies, and videos of the same name under different policies form one comparison whose baseline is
+`rolling` (else `full`, else the alphabetically first policy). Two or more mp4 files given on the command line form
 one comparison against the first.
 """
 
@@ -20,6 +20,8 @@ from pfgen.batch.manifest import MANIFEST, read_entries
 from pfgen.errors import PfgenError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+# The baseline of a comparison: the uniform-window cache, else all history, else the alphabetically first policy.
+BASELINES = ("rolling", "full")
 METADATA_PROMPT_KEYS = ("comment", "description", "title")  # where an mp4 from elsewhere may carry its prompt
 
 
@@ -64,9 +66,7 @@ def _scan_folder(folder: Path) -> tuple[list[VideoRef], list[Comparison], list[s
     videos = [ref(p, None) for p in sorted(folder.iterdir()) if _is_video(p)]
     subfolders = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
                   and any(_is_video(p) for p in d.iterdir())}
-    manifest_order = [e.get("policy") for e in entries]
-    order = [p for p in dict.fromkeys(manifest_order) if p in subfolders]
-    policies = order + [p for p in subfolders if p not in order]
+    policies = sorted(subfolders, key=lambda p: (BASELINES.index(p) if p in BASELINES else len(BASELINES), p))
     by_name: dict[str, list[VideoRef]] = {}
     for policy in policies:
         for path in sorted(subfolders[policy].iterdir()):
