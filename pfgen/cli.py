@@ -329,6 +329,50 @@ def convert(
                      f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
 
 
+@app.command()
+def evaluate(
+    videos: list[Path] = typer.Argument(..., help="mp4 files, or batch output folders (policy sub-folders are "
+                                                  "paired by video name)", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    plot: Optional[Path] = typer.Option(None, help="PNG with one curve per metric over time, one line per video"),
+    window: float = typer.Option(5.0, help="window length in seconds"),
+    deep: bool = typer.Option(False, help="also CLIP scores (prompt similarity, subject consistency) from "
+                                          "locally cached weights"),
+    prompt: Optional[str] = typer.Option(None, help="--deep: the prompt (default: manifest.jsonl or the mp4's "
+                                                    "metadata)"),
+    clip_model: Optional[str] = typer.Option(None, help="--deep: Hugging Face id or local folder (default: "
+                                                        "openai/clip-vit-base-patch32)"),
+):
+    """Metrics per time window (brightness, colour drift, flicker, sharpness, motion, repetition) and policy
+    differences; see docs/evaluate.md."""
+    from pfgen.evaluate import require_opencv
+
+    require_opencv()
+    if plot is not None:
+        from pfgen.evaluate.plot import require_matplotlib
+        from pfgen.outputs import check_output_path
+
+        require_matplotlib()
+        plot = check_output_path(plot, ".png", option="--plot")
+    from pfgen.evaluate.report import evaluation_progress, print_report, to_json
+    from pfgen.evaluate.run import EvaluateRequest, evaluate as run_evaluate
+
+    console = _console()
+    with evaluation_progress(console) as on_video:
+        result = run_evaluate(EvaluateRequest(tuple(videos), window, deep, prompt, clip_model), on_video)
+    for line in result["warnings"]:
+        console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)
+    if plot is not None:
+        from pfgen.evaluate.plot import plot_metrics
+
+        plot_metrics(result, plot)
+        console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(to_json(result))
+    else:
+        print_report(result)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code.
 
