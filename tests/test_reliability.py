@@ -259,6 +259,9 @@ def test_mp4_says_how_it_was_made_and_json_summary(tmp_path, capsys):
     tags = read_metadata(out)
     made = json.loads(tags["comment"])
     assert tags["title"] == "a kite; a=b"
+    from pfgen.evaluate.videos import prompt_from_metadata
+
+    assert prompt_from_metadata(out) == "a kite; a=b"  # what `pfgen evaluate --deep` scores the video against
     assert made == {"prompt": "a kite; a=b", "seed": 7, "config": "tiny", "policy": "pyramid", "checkpoint": None,
                     "pfgen": __version__}
 

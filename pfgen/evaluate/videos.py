@@ -9,7 +9,7 @@ one comparison against the first.
 
 from __future__ import annotations
 
-import subprocess
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +22,7 @@ from pfgen.errors import PfgenError
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 # The baseline of a comparison: the uniform-window cache, else all history, else the alphabetically first policy.
 BASELINES = ("rolling", "full")
-METADATA_PROMPT_KEYS = ("comment", "description", "title")  # where an mp4 from elsewhere may carry its prompt
+METADATA_PROMPT_KEYS = ("title", "description", "comment")  # where an mp4 from elsewhere may carry its prompt
 
 
 @dataclass(frozen=True)
@@ -158,17 +158,14 @@ def _frames(path: Path, reader, meta: VideoMeta) -> Iterator[np.ndarray]:
 
 
 def prompt_from_metadata(path: Path) -> str | None:
-    """A prompt carried in the mp4's metadata (comment, description or title), if any."""
-    import imageio_ffmpeg
+    """The prompt an mp4 carries: pfgen's JSON comment, else a title, description or comment tag."""
+    from pfgen.video import read_metadata
 
+    tags = {key.lower(): value for key, value in read_metadata(path).items()}
     try:
-        result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f",
-                                 "ffmetadata", "-"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    tags = {}
-    for line in result.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.startswith(";"):
-            tags[key.strip().lower()] = value.strip()
+        made = json.loads(tags.get("comment", ""))
+    except ValueError:
+        made = None
+    if isinstance(made, dict) and isinstance(made.get("prompt"), str):
+        return made["prompt"]
     return next((tags[k] for k in METADATA_PROMPT_KEYS if tags.get(k)), None)
