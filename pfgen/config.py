@@ -24,6 +24,7 @@ class ModelConfig:
     name: str = "tiny"  # written into head-type files and checked against them
     checkpoint: str | None = None  # Self Forcing / Causal Forcing .pt, or a diffusers folder; None = tiny
     wan_dir: str | None = None  # Wan2.1 diffusers folder: text_encoder/, tokenizer/, vae/
+    # Both also take a Hub reference (org/name[:path/in/repo][@revision]), downloaded at load time (pfgen.hub).
     ema: bool = True  # use `generator_ema` from a .pt checkpoint
     num_heads: int | None = None  # default: dim / 128 (tiny: from the embedded architecture)
     text_encoder_device: str | None = None  # e.g. "cpu" to keep umT5 off a small GPU
@@ -97,6 +98,7 @@ class VideoConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto = cuda when available
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    offload: str = "auto"  # auto | none | text-encoder | model (pfgen.memory): what leaves the GPU when idle
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-# Keys that hold file paths: resolved relative to the YAML file that names them.
+# Keys that hold file paths: resolved relative to the YAML file that names them (model paths may instead be
+# Hub references, kept as they are when no such local path exists).
 _PATH_KEYS = {("model", "checkpoint"), ("model", "wan_dir"), ("cache", "heads")}
 
 
@@ -161,11 +164,15 @@ def validate(config: Config, where: str = "config") -> None:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
+    from pfgen.hub import is_reference
+
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for section, key in _PATH_KEYS:
         value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            out[section][key] = str((base / value).resolve())
+            local = (base / value).resolve()
+            hub = section == "model" and not local.exists() and is_reference(value)
+            out[section][key] = value if hub else str(local)
         elif isinstance(value, str):
             out[section][key] = str(Path(value).expanduser())
     return out
