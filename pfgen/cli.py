@@ -24,10 +24,10 @@ POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all histor
 # Options shared by several commands.
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="YAML config, or a bundled name (tiny, "
                                                                    "self-forcing, ...)")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
-                                                                           "or diffusers folder")]
-WanDirOpt = Annotated[Optional[Path], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
-                                                                     "encoder, tokenizer, VAE)")]
+CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
+                                                      "or diffusers folder, or a Hub reference org/name[:file][@rev]")]
+WanDirOpt = Annotated[Optional[str], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
+                                                  "encoder, tokenizer, VAE), or a Hub reference org/name[@rev]")]
 EmaOpt = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="EMA weights of a .pt checkpoint")]
 NumHeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="attention heads (default: width / 128)")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="video height (multiple of 16)")]
@@ -42,17 +42,19 @@ def _console():
     return Console(stderr=True)
 
 
-def _load_config(config, policy=None, backend=None, device=None, dtype=None, **model):
+def _load_config(config, policy=None, backend=None, device=None, dtype=None, offload=None, **model):
     """The config file with the command line's overrides (None = keep the file's value)."""
     from pfgen.config import load_config, with_overrides
+    from pfgen.hub import is_reference
     from pfgen.pipeline import POLICIES
 
     if policy is not None and policy not in POLICIES:
         raise PfgenError(f"unknown policy '{policy}'", f"choose from {', '.join(POLICIES)}")
     cfg = load_config(config)
-    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v else v) for k, v in model.items()}
+    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v and not is_reference(v) else v)
+             for k, v in model.items()}
     return with_overrides(cfg, model=model, cache=dict(policy=policy, backend=backend),
-                          runtime=dict(device=device, dtype=dtype))
+                          runtime=dict(device=device, dtype=dtype, offload=offload))
 
 
 @app.command()
@@ -84,6 +86,10 @@ def generate(
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
+    offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "
+                                                     "visits the GPU only to encode), model (every component)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan and exit; loads no weights"),
+    as_json: bool = typer.Option(False, "--json", help="with --dry-run: the plan as one JSON object"),
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced.
 
@@ -102,11 +108,20 @@ def generate(
     check_video_size(height, width, option_prefix="--")  # before any model is loaded
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
-    cfg = _load_config(config, policy, backend, device, dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
-                       num_heads=num_heads, text_encoder_device=text_encoder_device)
+    cfg = _load_config(config, policy, backend, device, dtype, offload, checkpoint=checkpoint, wan_dir=wan_dir,
+                       ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device)
     if frames is not None and frames < 1:
         raise PfgenError(f"--frames must be at least 1, got {frames}")
     num_frames = frames if frames is not None else frames_for_seconds(seconds, cfg.video.fps)
+    plan = None
+    if dry_run or not batch:
+        from pfgen.pipeline import plan_for_run
+
+        plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=not dry_run)
+    if dry_run:
+        from pfgen.memory import plan_lines
+
+        return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
     if batch:
         from pfgen.batch import BatchRequest, parse_policies, run_batch
 
@@ -114,17 +129,19 @@ def generate(
                                num_frames, heads, height, width)
         return run_batch(cfg, request, _console())
     _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height, width,
-                  save_latents)
+                  save_latents, plan)
 
 
-def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents):
+def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents, plan):
+    from pfgen.config import with_overrides
     from pfgen.generate import generate_video
+    from pfgen.memory import compare_line
     from pfgen.pipeline import load_pipeline
     from pfgen.ui import chunk_progress
 
     console = _console()
     with console.status("loading model"):
-        pipe = load_pipeline(cfg)
+        pipe = load_pipeline(with_overrides(cfg, runtime=dict(offload=plan.offload)))
     pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
     pipe.head_types(cfg.cache.policy, heads)  # a wrong head file fails before any output exists
     if cfg.model.checkpoint is None:
@@ -134,6 +151,7 @@ def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, s
         stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
                                width=width, save_latents=save_latents, on_chunk=on_chunk)
     console.print(stats.summary())
+    console.print(compare_line(plan, stats.peak_memory_bytes, stats.memory_kind, pipe.state.cache.nbytes()))
 
 
 @app.command("inspect-cache")

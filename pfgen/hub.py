@@ -72,6 +72,14 @@ def resolve(value: str | None, role: str) -> str | None:
     return value if ref is None else str(fetch(ref, role).path)
 
 
+def resolve_model(model_cfg):
+    """The ModelConfig with its checkpoint and Wan folder as local paths (downloading references)."""
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, checkpoint=resolve(model_cfg.checkpoint, "checkpoint"),
+                               wan_dir=resolve(model_cfg.wan_dir, "wan_dir"))
+
+
 def fetch(ref: HubRef, role: str) -> Fetched:
     """Download one reference (a file, or the files of a repo that `role` needs) into the HF cache."""
     import huggingface_hub as hf

@@ -320,3 +320,12 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
                     "free")
     rows.append(f"offload {plan.offload}: predicted peak {format_gib(m['peak_bytes'])}")
     return rows
+
+
+def compare_line(plan: MemoryPlan, measured: int, kind: str, kv_bytes: int) -> str:
+    """Predicted against measured, for the end of a run (CUDA: max allocated; CPU: the cache and the RSS)."""
+    if kind == "cuda":
+        return (f"memory: predicted peak {format_gib(plan.memory['peak_bytes'])} (offload {plan.offload}), "
+                f"measured {format_gib(measured)} (CUDA max allocated)")
+    return (f"memory: KV cache predicted {format_gib(plan.memory['kv_cache_bytes'])}, allocated "
+            f"{format_gib(kv_bytes)}; process RSS peak {format_gib(measured)}")
