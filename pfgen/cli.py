@@ -252,7 +252,8 @@ def profile_heads(
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights)"),
+    checkpoint: str = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights), or a Hub "
+                                               "reference org/name:file[@rev]"),
     output: Path = typer.Option(..., "--output", "-o", help="diffusers transformer folder to create"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
     num_heads: NumHeadsOpt = None,
@@ -269,7 +270,9 @@ def convert(
         raise PfgenError(f"output folder {output.parent} does not exist")
     import torch
 
-    model_cfg = ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads)
+    from pfgen.hub import resolve_model
+
+    model_cfg = resolve_model(ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads))
     model = load_transformer(model_cfg, resolve_dtype(dtype, torch.device("cpu")))
     save_diffusers(model, output)
     c = model.config
@@ -277,6 +280,28 @@ def convert(
     _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {c.num_layers} layers, "
                      f"width {c.num_attention_heads * c.attention_head_dim} ({c.num_attention_heads} heads x "
                      f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
+
+
+@app.command()
+def download(
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    wan_dir: WanDirOpt = None,
+):
+    """Download the weights a config names into the Hugging Face cache (then run with HF_HUB_OFFLINE=1)."""
+    from pfgen.hub import download_model
+    from pfgen.memory import format_gib
+
+    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir)
+    if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
+        raise PfgenError("this config uses the embedded tiny model: nothing to download",
+                         "give --config self-forcing (or another real-weight config)")
+    for role, value, fetched in download_model(cfg.model):
+        if fetched is None:
+            typer.echo(f"{role}: {value} (local path, nothing to download)")
+        else:
+            typer.echo(f"{role}: {value} -> {fetched.path} ({len(fetched.files)} files, "
+                       f"{format_gib(fetched.nbytes)})")
 
 
 def main(argv: list[str] | None = None) -> None:

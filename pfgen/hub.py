@@ -80,6 +80,17 @@ def resolve_model(model_cfg):
                                wan_dir=resolve(model_cfg.wan_dir, "wan_dir"))
 
 
+def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
+    """Fetch everything a model config names: (role, value, Fetched or None for a local path) per source."""
+    out = []
+    for role in ("checkpoint", "wan_dir"):
+        value = getattr(model_cfg, role)
+        if value is not None:
+            ref = parse_reference(value)
+            out.append((role, value, fetch(ref, role) if ref is not None else None))
+    return out
+
+
 def fetch(ref: HubRef, role: str) -> Fetched:
     """Download one reference (a file, or the files of a repo that `role` needs) into the HF cache."""
     import huggingface_hub as hf
@@ -104,6 +115,8 @@ def hub_error(exc: Exception, ref: HubRef) -> PfgenError:
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
+    if isinstance(exc, LocalEntryNotFoundError) and isinstance(exc.__cause__, HfHubHTTPError):
+        exc = exc.__cause__  # the Hub answered, with an error, and nothing was cached: report the answer
     what = str(ref)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
