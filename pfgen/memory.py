@@ -9,7 +9,8 @@ activation and VAE figures are estimates, labelled as such.
 Offload modes (where each component lives, when: `pfgen.offload`):
   none          everything on the accelerator all the time
   text-encoder  umT5 lives on the CPU and visits the accelerator only to encode a prompt
-  model         also the DiT and the VAE: each component is on the accelerator only while it runs
+  model         also the DiT and the VAE: on the accelerator only while a video's chunk loop runs, so the
+                text encoder is there alone
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pfgen.wan.text import TEXT_TOKENS
 
 OFFLOAD_MODES = ("auto", "none", "text-encoder", "model")
 GiB = 1024 ** 3
-MARGIN_FRACTION, MARGIN_MIN = 0.05, GiB  # `auto` keeps this much of the free memory unused
+MARGIN_FRACTION, MARGIN_MIN = 0.05, GiB // 2  # `auto` keeps this much of the free memory unused
 
 # Wan2.1-T2V-1.3B (DESIGN.md section 2), in diffusers' WanTransformer3DModel terms.
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

@@ -1,8 +1,9 @@
 """Where each component lives, when: the `--offload` modes of `pfgen.memory` put into effect.
 
 A component the mode offloads lives on the CPU ("home") and visits the accelerator only inside `use(name)`:
-the text encoder while it encodes a prompt, the DiT while a video's chunk loop runs, the VAE while it decodes a
-chunk. The others stay on the accelerator. Moves are whole modules (`Module.to`), so dtypes, including the
+the text encoder while it encodes a prompt, the DiT and the VAE while a video's chunk loop runs (the VAE decodes
+after every chunk, so moving it per chunk would cost transfers and save no peak). The others stay on the
+accelerator. Moves are whole modules (`Module.to`), so dtypes, including the
 float32-kept modules, are unchanged.
 """
 

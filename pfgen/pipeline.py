@@ -170,10 +170,10 @@ class Pipeline:
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
         cache.observer = observer
         try:
-            with self.offload.use("transformer"):
+            # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
+            with self.offload.use("transformer"), self.offload.use("vae"):
                 for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
-                    with self.offload.use("vae"):
-                        frames = decoder.decode(x0) if decoder else None
+                    frames = decoder.decode(x0) if decoder else None
                     yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
         finally:
             cache.observer = None
