@@ -32,7 +32,8 @@ class HubRef:
     revision: str | None = None
 
     def __str__(self) -> str:
-        return self.repo + (f":{self.filename}" if self.filename else "") + (f"@{self.revision}" if self.revision else "")
+        file = f":{self.filename}" if self.filename else ""
+        return self.repo + file + (f"@{self.revision}" if self.revision else "")
 
 
 def parse_reference(value: str | Path | None) -> HubRef | None:

@@ -106,13 +106,15 @@ def _transformer_arch(model_cfg) -> tuple[dict, str]:
     path = _local(model_cfg.checkpoint)
     if path is None:
         return WAN_1_3B, "known Wan2.1-1.3B architecture (checkpoint not on disk)"
-    if path.is_dir() or path.name == "config.json":
-        config_file = path / "config.json" if path.is_dir() else path
+    if path.name == "config.json":  # a cached folder reference: the folder around it
+        path = path.parent
+    if path.is_dir():
+        config_file = path / "config.json"
         if config_file.exists():
             config = json.loads(config_file.read_text())
             if config.get("_class_name") == "WanTransformer3DModel":
                 return {k: v for k, v in config.items() if not k.startswith("_")}, f"{config_file}"
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        files = sorted(path.glob("*.safetensors"))
         state = wan_to_diffusers(strip_prefixes(_safetensors_shapes(files)))
     elif path.suffix == ".safetensors":
         state = wan_to_diffusers(strip_prefixes(_safetensors_shapes([path])))
@@ -215,9 +217,12 @@ def vae_decode_bytes(height: int, width: int, dtype: torch.dtype, batch: int = 1
     return batch * VAE_DECODE_BYTES_PER_PIXEL * height * width * _itemsize(dtype) // 4
 
 
-def mode_peaks(weights: dict, kv: int, act: int, encode: int, decode: int) -> dict:
-    """Peak accelerator bytes per offload mode: the larger of the prompt-encoding phase and generation."""
+def mode_peaks(weights: dict, kv: int, act: int, encode: int, decode: int, text_on_device: bool = True) -> dict:
+    """Peak accelerator bytes per offload mode: the larger of the prompt-encoding phase and generation.
+    `text_on_device=False`: umT5 runs elsewhere (--text-encoder-device cpu) and never uses the accelerator."""
     te, dit, vae = weights["text_encoder"], weights["transformer"], weights["vae"]
+    if not text_on_device:
+        te = encode = 0
     generate = kv + max(act, decode)
     return {
         "none": te + dit + vae + max(encode, generate),
@@ -292,7 +297,8 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     act = activation_bytes(transformer, tokens, dtype, batch)
     enc = encode_bytes(text, dtype, batch)
     dec = vae_decode_bytes(height, width, dtype, batch)
-    peaks = mode_peaks(weights, kv, act, enc, dec)
+    text_device = cfg.model.text_encoder_device
+    peaks = mode_peaks(weights, kv, act, enc, dec, text_device is None or torch.device(text_device).type == device.type)
     total, free = device_memory(device)
     chosen = choose_offload(offload or getattr(cfg.runtime, "offload", "auto"), peaks, free, device.type)
     memory = dict(transformer_bytes=weights["transformer"], text_encoder_bytes=weights["text_encoder"],

@@ -15,12 +15,10 @@ from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.cli import main as cli_main
 from pfgen.config import load_config, with_overrides
 from pfgen.errors import PfgenError
-from pfgen.heads import HeadTypes
 from pfgen.memory import GiB, WAN_1_3B, choose_offload, head_types_for, kv_cache_bytes, plan_memory
 from pfgen.wan.tiny import TINY_TRANSFORMER
 
 DEVICE = torch.device(os.environ.get("PFGEN_TEST_DEVICE", "cpu"))
-SF_HEADS = HeadTypes.load(load_config("self-forcing").cache.heads)
 
 
 def allocated_kv(cfg, types, arch, grid, latent, dtype):
@@ -63,6 +61,10 @@ def test_plan_of_the_bundled_config_needs_no_file_and_respects_dtype_and_device(
     assert 1.5 < fp32.memory["transformer_bytes"] / m["transformer_bytes"] < 2.0  # fp32-kept modules
     assert 1.99 * m["kv_cache_bytes"] < fp32.memory["kv_cache_bytes"] < 2 * m["kv_cache_bytes"]  # fp32 merge sums
     assert m["peak_bytes"] == bf16.peaks["none"] and bf16.device_total_bytes is None
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):  # the known architecture has the checkpoint's 825 tensors (DESIGN.md section 2)
+        assert len(WanTransformer3DModel(**WAN_1_3B).state_dict()) == 825
 
 
 def test_weights_from_checkpoint_metadata_equal_the_loaded_model(tmp_path):
@@ -156,3 +158,13 @@ def test_offload_schedule(mode):
     assert seen == {name: {EXPECTED[mode][name]} for name in names}
     rest = offload.placement()
     assert all(rest[n] == ("home" if n in offload.moving else "device") for n in names)
+
+
+def test_text_encoder_on_the_cpu_is_off_the_accelerator_plan():
+    cfg = load_config("self-forcing")
+    cpu_text = with_overrides(cfg, model=dict(text_encoder_device="cpu"))
+    plan = plan_memory(cpu_text, 961, device=torch.device("cuda"), dtype=torch.bfloat16)
+    m = plan.memory
+    assert m["text_encoder_bytes"] > 10e9  # still reported, but it is not on the GPU
+    assert plan.peaks["none"] == (m["transformer_bytes"] + m["vae_bytes"] + m["kv_cache_bytes"]
+                                  + max(m["activation_bytes"], m["vae_decode_bytes"]))
