@@ -196,3 +196,14 @@ def test_download_command_then_offline_generate(hub, tmp_path):
     assert run.returncode == 0, run.stderr
     assert len(hub.requests) == before and out.stat().st_size > 0
     assert "memory: KV cache predicted" in run.stderr
+
+
+def test_yaml_keeps_references_and_resolves_local_paths_next_to_it(tmp_path):
+    """A YAML model.checkpoint / model.wan_dir may be a reference (kept as is, resolved only at load time) or a
+    path relative to the YAML file."""
+    from pfgen.config import load_config
+
+    (tmp_path / "wan").mkdir()
+    (tmp_path / "run.yaml").write_text(f"model:\n  name: x\n  checkpoint: {SF_REPO}:{SF_FILE}@v1\n  wan_dir: wan\n")
+    model = load_config(tmp_path / "run.yaml").model
+    assert model.checkpoint == f"{SF_REPO}:{SF_FILE}@v1" and model.wan_dir == str(tmp_path / "wan")
