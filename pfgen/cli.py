@@ -29,10 +29,10 @@ POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all histor
 # Options shared by several commands.
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="YAML config, or a bundled name (tiny, "
                                                                    "self-forcing, ...)")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
-                                                                           "or diffusers folder")]
-WanDirOpt = Annotated[Optional[Path], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
-                                                                     "encoder, tokenizer, VAE)")]
+CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
+                                                      "or diffusers folder, or a Hub reference org/name[:file][@rev]")]
+WanDirOpt = Annotated[Optional[str], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
+                                                  "encoder, tokenizer, VAE), or a Hub reference org/name[@rev]")]
 EmaOpt = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="EMA weights of a .pt checkpoint")]
 NumHeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="attention heads (default: width / 128)")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="video height (multiple of 16)")]
@@ -48,7 +48,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also show the libra
 # Config keys the command line sets, named as the user typed them in errors.
 OPTION_NAMES = {"cache.policy": "--policy", "cache.backend": "--backend", "runtime.device": "--device",
                 "runtime.dtype": "--dtype", "runtime.threads": "--threads", "model.num_heads": "--num-heads",
-                "model.text_encoder_device": "--text-encoder-device"}
+                "model.text_encoder_device": "--text-encoder-device", "runtime.offload": "--offload"}
 
 
 def _console(quiet: bool = False):
@@ -57,14 +57,16 @@ def _console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet)
 
 
-def _load_config(config, policy=None, backend=None, device=None, dtype=None, threads=None, **model):
+def _load_config(config, policy=None, backend=None, device=None, dtype=None, threads=None, offload=None, **model):
     """The config file with the command line's overrides (None = keep the file's value), validated."""
     from pfgen.config import load_config, with_overrides
+    from pfgen.hub import is_reference
 
     cfg = load_config(config)
-    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v else v) for k, v in model.items()}
+    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v and not is_reference(v) else v)
+             for k, v in model.items()}
     return with_overrides(cfg, OPTION_NAMES, model=model, cache=dict(policy=policy, backend=backend),
-                          runtime=dict(device=device, dtype=dtype, threads=threads))
+                          runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
 
 
 def _version(value: bool) -> None:
@@ -114,7 +116,11 @@ def generate(
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
     force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
-    as_json: bool = typer.Option(False, "--json", help="print a one-object JSON summary of the video on stdout"),
+    offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "
+                                                     "visits the GPU only to encode), model (every component)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan and exit; loads no weights"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout: the video's summary, or "
+                                                       "with --dry-run the plan"),
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ):
@@ -127,20 +133,26 @@ def generate(
     from pfgen.batch import check_options
     from pfgen.config import check_seed, check_video_size
     from pfgen.frames import length_in_frames
-    from pfgen.heads import HeadTypes, head_type_source
     from pfgen.generate import latents_bytes
-    from pfgen.outputs import check_free_space, check_output_path, check_outputs
+    from pfgen.heads import HeadTypes, head_type_source
+    from pfgen.outputs import check_free_space, check_output_path, check_outputs, output_lock
+    from pfgen.pipeline import plan_for_run
 
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
-    if batch and as_json:
+    if batch and as_json and not dry_run:
         raise PfgenError("--json is for single videos", "batch mode records every video in manifest.jsonl")
     check_seed(seed)
     check_video_size(height, width, option_prefix="--")
-    cfg = _load_config(config, policy, backend, device, dtype, threads, checkpoint=checkpoint, wan_dir=wan_dir,
-                       ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device)
+    cfg = _load_config(config, policy, backend, device, dtype, threads, offload, checkpoint=checkpoint,
+                       wan_dir=wan_dir, ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device)
     _check_model_options(cfg, heads=heads, wan_dir=wan_dir, num_heads=num_heads,
                          text_encoder_device=text_encoder_device, policies=policies)
     num_frames = length_in_frames(seconds, frames, cfg.video.fps, force)
+    if dry_run:  # the plan of one video (in batch mode: of each), for the device asked, whether here or not
+        from pfgen.memory import plan_lines
+
+        plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=False)
+        return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
     console = _console(quiet)
     if batch:
         from pfgen.batch import BatchRequest, parse_policies, run_batch
@@ -150,26 +162,27 @@ def generate(
         return run_batch(cfg, request, console, verbose)
     source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
     heads = source if isinstance(source, HeadTypes) else None
+    plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width)
     output = check_output_path(output or Path("pfgen.mp4"), ".mp4", overwrite=overwrite, option="--output")
     if save_latents is not None:
         save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
         check_free_space(save_latents, latents_bytes(cfg, num_frames, height, width), "--save-latents")
     check_outputs(output=output, save_latents=save_latents)
-    from pfgen.outputs import output_lock
-
     with output_lock(output):  # a second run writing the same file is refused with this one's pid
         _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height,
-                      width, save_latents, console, as_json, verbose)
+                      width, save_latents, plan, console, as_json, verbose)
 
 
-def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents, console, as_json,
-                  verbose):
+def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents, plan, console,
+                  as_json, verbose):
+    from pfgen.config import with_overrides
     from pfgen.generate import generate_video
+    from pfgen.memory import compare_line
     from pfgen.pipeline import load_pipeline
     from pfgen.ui import chunk_progress, library_output
 
     with console.status("loading model"), library_output(verbose):
-        pipe = load_pipeline(cfg)
+        pipe = load_pipeline(with_overrides(cfg, runtime=dict(offload=plan.offload)))
     pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
     pipe.head_types(cfg.cache.policy, heads)  # head types for another model fail before any output exists
     if cfg.model.checkpoint is None:
@@ -179,6 +192,8 @@ def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, s
         stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
                                width=width, save_latents=save_latents, on_chunk=on_chunk)
     console.print(stats.summary(), highlight=False, markup=False, soft_wrap=True)
+    console.print(compare_line(plan, stats.peak_memory_bytes, stats.memory_kind, pipe.state.cache.nbytes()),
+                  highlight=False, markup=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(stats.to_json()))
 
@@ -301,7 +316,8 @@ def profile_heads(
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights)"),
+    checkpoint: str = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights), or a Hub "
+                                               "reference org/name:file[@rev]"),
     output: Path = typer.Option(..., "--output", "-o", help="diffusers transformer folder to create"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
     num_heads: NumHeadsOpt = None,
@@ -319,7 +335,9 @@ def convert(
     check_folder_writable(output.parent)
     import torch
 
-    model_cfg = ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads)
+    from pfgen.hub import resolve_model
+
+    model_cfg = resolve_model(ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads))
     model = load_transformer(model_cfg, resolve_dtype(dtype, torch.device("cpu")))
     save_diffusers(model, output)
     c = model.config
@@ -371,6 +389,28 @@ def evaluate(
         typer.echo(to_json(result))
     else:
         print_report(result)
+
+
+@app.command()
+def download(
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    wan_dir: WanDirOpt = None,
+):
+    """Download the weights a config names into the Hugging Face cache (then run with HF_HUB_OFFLINE=1)."""
+    from pfgen.hub import download_model
+    from pfgen.memory import format_gib
+
+    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir)
+    if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
+        raise PfgenError("this config uses the embedded tiny model: nothing to download",
+                         "give --config self-forcing (or another real-weight config)")
+    for role, value, fetched in download_model(cfg.model):
+        if fetched is None:
+            typer.echo(f"{role}: {value} (local path, nothing to download)")
+        else:
+            typer.echo(f"{role}: {value} -> {fetched.path} ({len(fetched.files)} files, "
+                       f"{format_gib(fetched.nbytes)})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from pfgen.errors import PfgenError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 POLICIES = ("rolling", "full", "pyramid")
 BACKENDS = ("auto", "split", "sdpa")
+OFFLOAD_MODES = ("auto", "none", "text-encoder", "model")  # what leaves the GPU when idle (pfgen.memory)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 MAX_TIMESTEP = 1000.0  # the flow-matching scheduler's range
@@ -32,6 +33,7 @@ class ModelConfig:
     name: str = "tiny"  # written into head-type files and checked against them
     checkpoint: str | None = None  # Self Forcing / Causal Forcing .pt, or a diffusers folder; None = tiny
     wan_dir: str | None = None  # Wan2.1 diffusers folder: text_encoder/, tokenizer/, vae/
+    # Both also take a Hub reference (org/name[:path/in/repo][@revision]), downloaded at load time (pfgen.hub).
     ema: bool = True  # use `generator_ema` from a .pt checkpoint
     num_heads: int | None = None  # default: dim / 128 (tiny: from the embedded architecture)
     text_encoder_device: str | None = None  # e.g. "cpu" to keep umT5 off a small GPU
@@ -106,6 +108,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto = cuda when available
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
     threads: int | None = None  # CPU threads; None = the CPUs this process may use (never oversubscribed)
+    offload: str = "auto"  # one of OFFLOAD_MODES
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-# Keys that hold file paths: resolved relative to the YAML file that names them.
+# Keys that hold file paths: resolved relative to the YAML file that names them (model paths may instead be
+# Hub references, kept as they are when no such local path exists).
 _PATH_KEYS = {("model", "checkpoint"), ("model", "wan_dir"), ("cache", "heads")}
 
 
@@ -194,6 +198,8 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
         fail("model.text_encoder_device", "cannot be auto", "use cpu, cuda or cuda:N, or leave it out")
     if runtime.dtype not in DTYPES:
         fail("runtime.dtype", f"'{runtime.dtype}' is unknown", "use auto, float32, bfloat16 or float16")
+    if runtime.offload not in OFFLOAD_MODES:
+        fail("runtime.offload", f"'{runtime.offload}' is unknown", f"choose from {', '.join(OFFLOAD_MODES)}")
     if runtime.threads is not None and runtime.threads < 1:
         fail("runtime.threads", f"must be at least 1, got {runtime.threads}")
     window = cache.rolling.window
@@ -238,11 +244,15 @@ def check_seed(seed: int, option: str = "--seed") -> int:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
+    from pfgen.hub import is_reference
+
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for section, key in _PATH_KEYS:
         value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            out[section][key] = str((base / value).resolve())
+            local = (base / value).resolve()
+            hub = section == "model" and not local.exists() and is_reference(value)
+            out[section][key] = value if hub else str(local)
         elif isinstance(value, str):
             out[section][key] = str(Path(value).expanduser())
     return out

@@ -6,7 +6,6 @@ layer over this.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,11 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pfgen.cache.engine import CacheGeometry, KVCache
+from pfgen.cache.engine import CacheGeometry, KVCache, cache_nbytes
 from pfgen.config import POLICIES, Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, latent_frames_for
+from pfgen.frames import VAE_SPACE, frames_for_seconds, latent_frames_for
 from pfgen.heads import HeadTypes, head_type_rows, head_type_source
+from pfgen.memory import plan_memory
+from pfgen.offload import Offload
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
 from pfgen.wan.head_order import grouped_order, set_head_order
@@ -42,15 +43,6 @@ class PipelineOutput:
     latents: torch.Tensor | None = None
     frames: np.ndarray | None = None  # (B, frames, H, W, 3) float32 in [0, 1]
     path: Path | None = None
-
-
-def cache_bytes(cache_cfg, types, geometry: CacheGeometry, frames_per_chunk: int, dtype) -> int:
-    """`KVCache.nbytes()` of a cache before it exists (shape arithmetic on the meta device). The `full` cache
-    is linear in its frames, so it is sized from a one-chunk cache without building a layout per frame."""
-    if geometry.max_frames <= frames_per_chunk or "full" not in types[0]:
-        return KVCache(cache_cfg, types, geometry, frames_per_chunk, dtype, "meta").nbytes()
-    one = dataclasses.replace(geometry, max_frames=frames_per_chunk)
-    return cache_bytes(cache_cfg, types, one, frames_per_chunk, dtype) // frames_per_chunk * geometry.max_frames
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -84,14 +76,15 @@ def usable_cpus() -> int:
     return count
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, available: bool = True) -> torch.device:
+    """The device `name` means; `available=False` only parses it (to plan a CUDA run on a CPU machine)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise PfgenError(f"unknown device '{name}'", "use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if available and device.type == "cuda" and not torch.cuda.is_available():
         raise PfgenError("CUDA was requested but no GPU is visible", "use --device cpu")
     return device
 
@@ -107,9 +100,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Pipeline:
-    def __init__(self, transformer, vae, prompt_encoder: PromptEncoder, config: Config, device, dtype):
+    def __init__(self, transformer, vae, prompt_encoder: PromptEncoder, config: Config, device, dtype,
+                 offload: Offload | None = None):
         self.transformer, self.vae, self.prompt_encoder = transformer, vae, prompt_encoder
         self.config, self.device, self.dtype = config, device, dtype
+        self.offload = offload or Offload("none", device, {})
         self.state = make_causal(transformer)
         self._cache_key = None
         self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
@@ -152,7 +147,7 @@ class Pipeline:
                                      (grid[0] // cfg.patch_size[1], grid[1] // cfg.patch_size[2]), batch, max_frames)
             self.state.cache = None  # free the previous cache before allocating
             args = (self.config.cache, types, geometry, self.config.sampling.frames_per_chunk, self.dtype)
-            self._check_fits(cache_bytes(*args), policy, max_frames)
+            self._check_fits(cache_nbytes(*args[:4], self.dtype.itemsize), policy, max_frames)
             self.state.cache = KVCache(*args, self.device)
             self._cache_key = key
         return self.state.cache
@@ -169,7 +164,10 @@ class Pipeline:
     # -- generation -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.prompt_encoder(prompts).to(self.device, self.dtype)
+        if "text_encoder" in self.offload.moving:  # its visit never overlaps a cache (as the memory plan assumes)
+            self.state.cache, self._cache_key = None, None
+        with self.offload.use("text_encoder"):
+            return self.prompt_encoder(prompts).to(self.device, self.dtype)
 
     def stream(self, prompt=None, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
@@ -197,9 +195,11 @@ class Pipeline:
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
         cache.observer = observer
         try:
-            for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
-                frames = decoder.decode(x0) if decoder else None
-                yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
+            # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
+            with self.offload.use("transformer"), self.offload.use("vae"):
+                for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
+                    frames = decoder.decode(x0) if decoder else None
+                    yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
         finally:
             cache.observer = None
 
@@ -247,17 +247,35 @@ class Pipeline:
         return Path(path)
 
 
+def plan_for_run(cfg: Config, num_frames: int, *, heads=None, height: int | None = None, width: int | None = None,
+                 available: bool = True):
+    """The memory plan (`pfgen.memory.MemoryPlan`) of a run, with the config's device, dtype and offload; loads
+    no weights. `available=False` plans for a device this machine need not have (a CUDA run on a CPU)."""
+    dev = resolve_device(cfg.runtime.device, available)
+    return plan_memory(cfg, num_frames, device=dev, dtype=resolve_dtype(cfg.runtime.dtype, dev), heads=heads,
+                       height=height, width=width)
+
+
 def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | None = None,
                   wan_dir: str | None = None, device: str | None = None, dtype: str | None = None,
-                  **model_overrides) -> Pipeline:
-    """Build a pipeline; with no arguments, the embedded tiny model (random weights, seconds on a CPU)."""
+                  offload: str | None = None, **model_overrides) -> Pipeline:
+    """Build a pipeline; with no arguments, the embedded tiny model (random weights, seconds on a CPU).
+
+    `checkpoint` / `wan_dir`: local paths or Hub references (`org/name[:file][@revision]`). `offload`: auto,
+    none, text-encoder or model (`pfgen.memory`); auto plans a 60 s video of the config's size."""
     cfg = config if isinstance(config, Config) else load_config(config)
     cfg = with_overrides(cfg, model=dict(checkpoint=checkpoint, wan_dir=wan_dir, **model_overrides),
-                         runtime=dict(device=device, dtype=dtype))
+                         runtime=dict(device=device, dtype=dtype, offload=offload))
     dev = resolve_device(cfg.runtime.device)
     dt = resolve_dtype(cfg.runtime.dtype, dev)
     set_threads(cfg.runtime.threads)
+    mode = cfg.runtime.offload
+    if mode == "auto":  # on a GPU: the least offload that fits a 60 s video; a CPU has nothing to offload to
+        mode = plan_memory(cfg, frames_for_seconds(60, cfg.video.fps), device=dev, dtype=dt).offload \
+            if dev.type == "cuda" else "none"
     from pfgen.wan.components import load_components
 
-    transformer, vae, encoder = load_components(cfg.model, dev, dt)
-    return Pipeline(transformer, vae, encoder, cfg, dev, dt)
+    transformer, vae, encoder = load_components(cfg.model, dev, dt, mode)
+    pinned = ("text_encoder",) if cfg.model.text_encoder_device else ()
+    modules = dict(text_encoder=encoder.encoder, transformer=transformer, vae=vae)
+    return Pipeline(transformer, vae, encoder, cfg, dev, dt, Offload(mode, dev, modules, pinned))

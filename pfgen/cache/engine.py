@@ -6,6 +6,7 @@ next chunk. Heads of each layer are grouped by type so that every type is served
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from pfgen.attention import get_backend
 from pfgen.attention.plan import ChunkPlan, build_plan
 from pfgen.cache.policy import make_rule
-from pfgen.cache.store import RuleStore
+from pfgen.cache.store import RuleStore, store_nbytes
 from pfgen.rope import apply_rope
 
 
@@ -110,6 +111,15 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, all types)."""
         return sum(store.nbytes() for layer in self.stores for store in layer.values())
+
+
+def cache_nbytes(cache_cfg, head_types, geometry: CacheGeometry, frames_per_chunk: int, itemsize: int) -> int:
+    """What `KVCache(...).nbytes()` will be, from shapes alone (the memory planner's KV figure)."""
+    kinds = sorted({kind for row in head_types for kind in row})
+    rules = {k: make_rule(k, cache_cfg, frames_per_chunk, geometry.max_frames) for k in kinds}
+    g = geometry
+    return sum(store_nbytes(rules[kind].layout, g.batch, count, g.grid, g.head_dim, itemsize)
+               for row in head_types for kind, count in Counter(row).items())
 
 
 def _count(heads, total: int) -> int:

@@ -9,10 +9,32 @@ All indexing uses Python ints from the plan: no host syncs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pfgen.cache.policy import Accumulate, Finalize, Layout, Shift, WriteHist, merged_tokens
 from pfgen.rope import apply_rope
+
+
+def store_shapes(layout: Layout, batch: int, heads: int, grid: tuple[int, int], head_dim: int) -> dict:
+    """Shape of each K (and, equally, V) tensor a RuleStore allocates: "abs", "hist" (when the layout has
+    history slots) and "acc" (the fp32 merge accumulator, when it merges). The memory planner sums the same."""
+    frame_tokens = grid[0] * grid[1]
+    block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
+    abs_tokens = sum(frame_tokens if kind == "frame" else block_tokens for kind in layout.abs_slots)
+    shapes = {"abs": (batch, abs_tokens, heads, head_dim)}
+    if layout.hist_slots:
+        shapes["hist"] = (layout.hist_partitions, batch, layout.hist_slots * frame_tokens, heads, head_dim)
+    if layout.merge_block:
+        shapes["acc"] = (batch, block_tokens, heads, head_dim)
+    return shapes
+
+
+def store_nbytes(layout: Layout, batch: int, heads: int, grid: tuple[int, int], head_dim: int, itemsize: int) -> int:
+    """Bytes of one RuleStore without allocating it (K and V; accumulators in fp32)."""
+    shapes = store_shapes(layout, batch, heads, grid, head_dim)
+    return 2 * sum(math.prod(shape) * (4 if name == "acc" else itemsize) for name, shape in shapes.items())
 
 
 class RuleStore:
@@ -26,17 +48,16 @@ class RuleStore:
         self.block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
         sizes = [self.frame_tokens if kind == "frame" else self.block_tokens for kind in layout.abs_slots]
         self.abs_offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        shape = (batch, self.abs_offsets[-1], heads, head_dim)
-        self.k_abs = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_abs = torch.zeros(shape, dtype=dtype, device=device)
+        shapes = store_shapes(layout, batch, heads, grid, head_dim)
+        self.k_abs = torch.zeros(shapes["abs"], dtype=dtype, device=device)
+        self.v_abs = torch.zeros(shapes["abs"], dtype=dtype, device=device)
         self.k_hist = self.v_hist = None
-        if layout.hist_slots:
-            hist = (layout.hist_partitions, batch, layout.hist_slots * self.frame_tokens, heads, head_dim)
-            self.k_hist = torch.zeros(hist, dtype=dtype, device=device)
-            self.v_hist = torch.zeros(hist, dtype=dtype, device=device)
+        if "hist" in shapes:
+            self.k_hist = torch.zeros(shapes["hist"], dtype=dtype, device=device)
+            self.v_hist = torch.zeros(shapes["hist"], dtype=dtype, device=device)
         self.acc_k = self.acc_v = None
-        if layout.merge_block:
-            acc = (batch, self.block_tokens, heads, head_dim)
+        if "acc" in shapes:
+            acc = shapes["acc"]
             self.acc_k = torch.zeros(acc, dtype=torch.float32, device=device)
             self.acc_v = torch.zeros(acc, dtype=torch.float32, device=device)
             self.patch_counts = self._patch_counts(device)

@@ -20,19 +20,28 @@ def place(model, device, dtype):
     return model.eval().requires_grad_(False)
 
 
-def load_components(model_cfg, device, dtype):
-    """(transformer, vae, prompt encoder) for a ModelConfig; no checkpoint = the embedded tiny model."""
+def load_components(model_cfg, device, dtype, offload: str = "none"):
+    """(transformer, vae, prompt encoder) for a ModelConfig; no checkpoint = the embedded tiny model.
+
+    Hub references in the config are downloaded (or found in the HF cache) here. Each component is loaded to
+    its home under the offload mode (`pfgen.offload`): the CPU when the mode offloads it, else `device`."""
+    from pfgen.offload import home_device
+
+    text_device = torch.device(model_cfg.text_encoder_device) if model_cfg.text_encoder_device else \
+        home_device(offload, "text_encoder", device)
+    dit_device, vae_device = home_device(offload, "transformer", device), home_device(offload, "vae", device)
     if model_cfg.checkpoint is None:
         from pfgen.wan.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 
-        transformer = place(tiny_transformer(), device, dtype)
-        vae = place(tiny_vae(), device, dtype)
-        encoder = PromptEncoder(tiny_tokenizer(), place(tiny_text_encoder(), device, dtype))
+        transformer = place(tiny_transformer(), dit_device, dtype)
+        vae = place(tiny_vae(), vae_device, dtype)
+        encoder = PromptEncoder(tiny_tokenizer(), place(tiny_text_encoder(), text_device, dtype))
         return transformer, vae, encoder
+    from pfgen.hub import resolve_model
     from pfgen.wan.checkpoint import load_transformer
     from pfgen.wan.wan_dir import load_prompt_encoder, load_vae
 
-    text_device = torch.device(model_cfg.text_encoder_device) if model_cfg.text_encoder_device else device
-    transformer = load_transformer(model_cfg, dtype).to(device)
-    vae = load_vae(model_cfg.wan_dir, dtype).to(device)
+    model_cfg = resolve_model(model_cfg)
+    transformer = load_transformer(model_cfg, dtype).to(dit_device)
+    vae = load_vae(model_cfg.wan_dir, dtype).to(vae_device)
     return transformer, vae, load_prompt_encoder(model_cfg.wan_dir, dtype, text_device)

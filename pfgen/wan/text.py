@@ -10,10 +10,14 @@ TEXT_TOKENS = 512
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, encoder, device=None):
+    def __init__(self, tokenizer, encoder):
         self.tokenizer = tokenizer
         self.encoder = encoder
-        self.device = device if device is not None else next(encoder.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder is now (offloading moves it between prompts)."""
+        return next(self.encoder.parameters()).device
 
     @property
     def dim(self) -> int:

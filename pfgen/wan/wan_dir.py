@@ -41,7 +41,7 @@ def load_prompt_encoder(wan_dir: str | None, dtype: torch.dtype, device) -> Prom
     except (OSError, ValueError) as exc:
         raise PfgenError(f"cannot load the text encoder from {wan_dir}: {str(exc).splitlines()[0]}") from None
     check_tokenizer(tokenizer, encoder, tok_path)
-    return PromptEncoder(tokenizer, encoder.to(device).eval().requires_grad_(False), device)
+    return PromptEncoder(tokenizer, encoder.to(device).eval().requires_grad_(False))
 
 
 def check_tokenizer(tokenizer, encoder, where) -> None:
