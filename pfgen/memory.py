@@ -15,7 +15,6 @@ Offload modes (where each component lives, when: `pfgen.offload`):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,7 +101,8 @@ def _local(value: str | None, inner: str | None = None) -> Path | None:
 
 
 def _transformer_arch(model_cfg) -> tuple[dict, str]:
-    from pfgen.wan.checkpoint import infer_architecture, read_training_checkpoint, strip_prefixes, wan_to_diffusers
+    from pfgen.wan.checkpoint import (infer_architecture, read_config, read_safetensors, read_training_checkpoint,
+                                      strip_prefixes, wan_to_diffusers)
 
     path = _local(model_cfg.checkpoint)
     if path is None:
@@ -112,35 +112,25 @@ def _transformer_arch(model_cfg) -> tuple[dict, str]:
     if path.is_dir():
         config_file = path / "config.json"
         if config_file.exists():
-            config = json.loads(config_file.read_text())
+            config = read_config(config_file)
             if config.get("_class_name") == "WanTransformer3DModel":
                 return {k: v for k, v in config.items() if not k.startswith("_")}, f"{config_file}"
         files = sorted(path.glob("*.safetensors"))
-        state = wan_to_diffusers(strip_prefixes(_safetensors_shapes(files)))
+        state = wan_to_diffusers(strip_prefixes(read_safetensors(files, shapes_only=True)))
     elif path.suffix == ".safetensors":
-        state = wan_to_diffusers(strip_prefixes(_safetensors_shapes([path])))
+        state = wan_to_diffusers(strip_prefixes(read_safetensors([path], shapes_only=True)))
     else:
         state = wan_to_diffusers(read_training_checkpoint(path, model_cfg.ema))  # mmap: shapes, no data read
     return infer_architecture(state, model_cfg.num_heads), f"tensor shapes of {path}"
-
-
-def _safetensors_shapes(files) -> dict:
-    from safetensors import safe_open
-
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                state[name] = torch.empty(handle.get_slice(name).get_shape(), device="meta")
-    return state
 
 
 def _wan_config(wan_dir: str | None, component: str, known: dict, label: str) -> tuple[dict, str]:
     path = _local(wan_dir, f"{component}/config.json")
     if path is None:
         return known, label
-    config = json.loads(path.read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_")}, str(path)
+    from pfgen.wan.checkpoint import read_config
+
+    return {k: v for k, v in read_config(path).items() if not k.startswith("_")}, str(path)
 
 
 # -- bytes -----------------------------------------------------------------------------------------------------

@@ -96,17 +96,17 @@ def read_weights(path: str | Path, ema: bool) -> tuple[dict, dict | None]:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise PfgenError(f"{path} holds no .safetensors weights", "give a diffusers transformer folder")
-        state = _read_safetensors(files)
+        state = read_safetensors(files)
         config_file = path / "config.json"
-        config = _read_config(config_file) if config_file.exists() else None
+        config = read_config(config_file) if config_file.exists() else None
         is_diffusers = config is not None and config.get("_class_name") == "WanTransformer3DModel"
         return (state, config) if is_diffusers else (wan_to_diffusers(strip_prefixes(state)), None)
     if path.suffix == ".safetensors":
-        return wan_to_diffusers(strip_prefixes(_read_safetensors([path]))), None
+        return wan_to_diffusers(strip_prefixes(read_safetensors([path]))), None
     return wan_to_diffusers(read_training_checkpoint(path, ema)), None
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -117,14 +117,20 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _read_safetensors(files) -> dict:
-    from safetensors import SafetensorError
+def read_safetensors(files, shapes_only: bool = False) -> dict:
+    """The tensors of safetensors files (`shapes_only`: meta tensors from the headers, no data read)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     state = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            if shapes_only:
+                with safe_open(str(f), framework="pt") as handle:
+                    state.update({name: torch.empty(handle.get_slice(name).get_shape(), device="meta")
+                                  for name in handle.keys()})
+            else:
+                state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as exc:
             raise PfgenError(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0][:80]})",
                              "re-download or re-convert the weights") from None
