@@ -141,37 +141,38 @@ def inspect_cache(
     config: ConfigOpt = None,
     heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
-    frame: int = typer.Option(100, help="query frame (latent) to show"),
-    height: int = typer.Option(480, help="video height"),
-    width: int = typer.Option(832, help="video width"),
+    frame: float = typer.Option(100, metavar="FRAME", help="query frame (latent) to show, any size (e.g. 1e9)"),
+    height: Optional[int] = typer.Option(None, help="video height (default: the config's)"),
+    width: Optional[int] = typer.Option(None, help="video width (default: the config's)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x history frames) to a PNG"),
 ):
-    """Show what every head attends to at one query frame, token budgets and K/V memory."""
-    from pfgen.inspect import cache_report, pyramid_rows
-    from pfgen.inspect import inspect_geometry
+    """Show what every head attends to at one query frame, token budgets and K/V memory (on stdout)."""
+    from pfgen.inspect import cache_report, check_frame, inspect_geometry, pyramid_columns, pyramid_rows
 
+    frame = check_frame(frame)
     cfg = _load_config(config, policy)
-    if frame < 0:
-        raise PfgenError(f"--frame must be zero or more, got {frame}")
     if plot is not None:
-        plot = Path(plot)
         from pfgen.outputs import check_output_path
 
-        check_output_path(plot, ".png")
-    types, head_dim, grid = inspect_geometry(cfg, heads, policy, height, width)
-    report = cache_report(cfg.cache, types, frame, grid, head_dim, cfg.sampling.frames_per_chunk)
+        plot = check_output_path(plot, ".png", option="--plot")
+    types, head_dim, grid = inspect_geometry(cfg, heads, policy, height or cfg.video.height,
+                                             width or cfg.video.width)
+    per_chunk = cfg.sampling.frames_per_chunk
+    report = cache_report(cfg.cache, types, frame, grid, head_dim, per_chunk)
     if plot is not None:
         from pfgen.plots import plot_cache_pyramid
 
-        plot_cache_pyramid(pyramid_rows(report), frame - frame % cfg.sampling.frames_per_chunk
-                           + cfg.sampling.frames_per_chunk, plot, f"frame {frame}: what each head reads")
+        plot_cache_pyramid(pyramid_rows(report), pyramid_columns(report, per_chunk), plot,
+                           f"frame {frame}: what each head reads")
     if as_json:
         typer.echo(json.dumps(report))
     else:
+        from rich.console import Console
+
         from pfgen.ui import print_cache_report
 
-        print_cache_report(_console(), report)
+        print_cache_report(Console(), report)
 
 
 @app.command("profile-heads")
