@@ -193,26 +193,22 @@ def profile_heads(
     stats_out: Optional[Path] = typer.Option(None, help="also save the frame-logit statistics (safetensors)"),
     from_stats: Optional[Path] = typer.Option(None, help="classify saved statistics without loading a model"),
     work_dir: Optional[Path] = typer.Option(None, help="per-prompt statistics, for resuming (default: OUTPUT.parts)"),
+    keep_parts: bool = typer.Option(False, "--keep-parts", help="keep the per-prompt statistics after success"),
     threshold: list[str] = typer.Option([], "--threshold", "-t", help="classifier threshold, NAME=VALUE (repeat)"),
     plot: Optional[Path] = typer.Option(None, help="PNG: head-type map and mean lag profile per type"),
     compare: Optional[Path] = typer.Option(None, help="another head-type JSON to report agreement with"),
 ):
     """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
     from pfgen.config import check_video_size
-    from pfgen.outputs import check_output_path
-    from pfgen.profile.run import ProfileRequest, classify_statistics, collect_statistics, compare_with, \
-        parse_thresholds
+    from pfgen.profile.run import ProfileRequest, check_request, classify_statistics, collect_statistics, \
+        compare_with, finish, parse_thresholds
 
     thresholds = parse_thresholds(threshold)
-    check_output_path(output, ".json")
-    for path, suffix in ((stats_out, ".safetensors"), (plot, ".png")):
-        if path is not None:
-            check_output_path(path, suffix)
+    req = check_request(ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir,
+                                       tuple(threshold), plot, compare, height, width, keep_parts))
     check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, device=device, dtype=dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
                        num_heads=num_heads)
-    req = ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir, tuple(threshold), plot,
-                         compare, height, width)
     from pfgen.ui import calibration_progress, print_agreement, print_head_counts
 
     console = _console()
@@ -222,15 +218,16 @@ def profile_heads(
     else:
         stats = collect_statistics(cfg, req)
     heads, result = classify_statistics(stats, thresholds, cfg.model.name if config else None)
-    heads.save(output)
+    heads.save(req.output)
     print_head_counts(console, heads)
-    if plot is not None:
+    if req.plot is not None:
         from pfgen.plots import plot_head_types
 
-        plot_head_types(heads.types, result.lag_profiles_by_type(), plot)
-    if compare is not None:
-        print_agreement(console, compare_with(heads, compare), compare)
-    console.print(f"wrote {output}: {heads.counts()}")
+        plot_head_types(heads.types, result.lag_profiles_by_type(), req.plot)
+    if req.reference is not None:
+        print_agreement(console, compare_with(heads, req), compare)
+    finish(req)
+    console.print(f"wrote {req.output}: {heads.counts()}")
 
 
 @app.command()

@@ -64,7 +64,9 @@ class HeadTypes:
         if not path.is_file():
             raise PfgenError(f"head-type file not found: {path}", "run `pfgen profile-heads` to make one")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PfgenError(f"{path}: not a head-type file (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
             raise PfgenError(f"{path}: not valid JSON (line {exc.lineno})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:

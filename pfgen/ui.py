@@ -84,6 +84,9 @@ class CalibrationProgress:
         self.progress.start()
         self.started = True
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/] {text}")
+
     def chunk(self, chunk) -> None:
         self.progress.update(self.chunks, completed=chunk.index + 1)
 

@@ -1,6 +1,8 @@
 """profile-heads: logit capture against materialised scores, end to end on the tiny model, bad inputs."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -74,7 +76,7 @@ def profiled(tmp_path_factory):
     prompts.write_text("a red kite\n\n# a comment\na cat on a sofa\n")
     args = ["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32", "--width", "48",
             "-o", str(work / "heads.json"), "--stats-out", str(work / "stats.safetensors"),
-            "--plot", str(work / "heads.png")]
+            "--plot", str(work / "heads.png"), "--keep-parts"]
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 0
@@ -90,8 +92,8 @@ def test_profile_heads_end_to_end(profiled, capsys, tmp_path):
     assert set(calibration["thresholds"]) >= {"min_flip_rate", "min_periodic_energy"}
     assert len(calibration["heads"]) == 4 and "flip_rate" in calibration["heads"][0][0]
     assert (work / "heads.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (work / "heads.parts").iterdir()) == ["prompt-0000.safetensors",
-                                                                         "prompt-0001.safetensors"]
+    names = sorted(p.name for p in (work / "heads.parts").iterdir())
+    assert [re.fullmatch(r"prompt-000[01]-[0-9a-f]{16}\.safetensors", n) is not None for n in names] == [True] * 2
     code, err = run_cli(["generate", "--policy", "pyramid", "--heads", str(work / "heads.json"), "--seconds", "1",
                          "--height", "32", "--width", "48", "-o", str(tmp_path / "v.mp4")], capsys)
     assert code == 0, err
