@@ -218,12 +218,12 @@ def profile_heads(
     else:
         stats = collect_statistics(cfg, req)
     heads, result = classify_statistics(stats, thresholds, cfg.model.name if config else None)
-    heads.save(req.output)
-    print_head_counts(console, heads)
     if req.plot is not None:
         from pfgen.plots import plot_head_types
 
         plot_head_types(heads.types, result.lag_profiles_by_type(), req.plot)
+    heads.save(req.output)  # last: a run that fails leaves no head-type file
+    print_head_counts(console, heads)
     if req.reference is not None:
         print_agreement(console, compare_with(heads, req), compare)
     finish(req)
