@@ -254,8 +254,10 @@ def convert(
     save_diffusers(model, output)
     c = model.config
     params = sum(p.numel() for p in model.parameters())
-    _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {c.num_layers} layers, "
-                     f"width {c.num_attention_heads * c.attention_head_dim} ({c.num_attention_heads} heads x "
+    from pfgen.words import count
+
+    _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {count(c.num_layers, 'layer')}, "
+                     f"width {c.num_attention_heads * c.attention_head_dim} ({count(c.num_attention_heads, 'head')} x "
                      f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from pfgen.frames import video_frames_for
 from pfgen.generate import format_bytes
+from pfgen.words import count
 
 
 @contextmanager
@@ -109,7 +110,8 @@ def print_head_counts(console, heads) -> None:
     """Counts per type per layer, and totals."""
     from rich.table import Table
 
-    table = Table(title=f"head types ({heads.layers} layers x {heads.heads} heads)", title_justify="left")
+    table = Table(title=f"head types ({count(heads.layers, 'layer')} x {count(heads.heads, 'head')})",
+                  title_justify="left")
     for col in ("layer", "anchor", "wave", "veil"):
         table.add_column(col, justify="right")
     for layer, row in enumerate(heads.types):
@@ -123,7 +125,7 @@ def print_agreement(console, report: dict, other) -> None:
     """Overall agreement, per-type recall/precision and the confusion matrix against another file."""
     from rich.table import Table
 
-    console.print(f"agreement with {other}: {report['agreement']:.1%} of {report['n']} heads")
+    console.print(f"agreement with {other}: {report['agreement']:.1%} of {count(report['n'], 'head')}")
     table = Table(title="confusion (rows: these labels, columns: the other file)", title_justify="left")
     table.add_column("")
     for name in report["order"]:

@@ -157,7 +157,8 @@ def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
     save_file({"frame_logits": torch.zeros(4, 4, 9, 9)}, str(no_sink),
               metadata={"pfgen": json.dumps({k: v for k, v in meta.items() if k != "sink"})})
     short = tmp_path / "short.safetensors"
-    save_file({"frame_logits": torch.zeros(4, 4, 5, 5)}, str(short), metadata={"pfgen": json.dumps({**meta, "frames": 5})})
+    save_file({"frame_logits": torch.zeros(4, 4, 5, 5)}, str(short),
+              metadata={"pfgen": json.dumps({**meta, "frames": 5})})
     other = tmp_path / "other.safetensors"
     save_file({"weight": torch.zeros(3)}, str(other))
     garbage = tmp_path / "garbage.safetensors"

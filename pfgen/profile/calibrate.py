@@ -19,6 +19,7 @@ from pfgen.errors import PfgenError
 from pfgen.frames import video_frames_for
 from pfgen.outputs import atomic_output, remove_stale_partials
 from pfgen.profile.capture import LogitRecorder
+from pfgen.words import count
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.txt"
 STATS_FORMAT = "pfgen.head-stats/1"
@@ -129,7 +130,7 @@ def calibrate(pipe, prompts: list[str], latent_frames: int, seed: int, work_dir:
     stale = sorted(p.name for p in work_dir.glob(PART_GLOB) if p.name not in names)
     if progress is not None:
         if stale:
-            progress.note(f"ignoring {len(stale)} saved part{'s' * (len(stale) != 1)} in {work_dir} made with "
+            progress.note(f"ignoring {count(len(stale), 'saved part')} in {work_dir} made with "
                           f"other settings (prompt, seed, length, size, model or dtype)")
         progress.start(len(prompts), latent_frames // meta["frames_per_chunk"])
     on_chunk = progress.chunk if progress is not None else None

@@ -86,7 +86,8 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
     pipe.latent_grid(height, width)
     meta = {"format": STATS_FORMAT, "model": cfg.model.name, "fingerprint": model_fingerprint(pipe.transformer),
             "dtype": str(pipe.dtype).removeprefix("torch."), "text_encoder": cfg.model.wan_dir or "embedded",
-            "sampling": asdict(cfg.sampling), "layers": pipe.layers, "heads": pipe.heads, "frames": latent, "seconds": req.seconds,
+            "sampling": asdict(cfg.sampling), "layers": pipe.layers, "heads": pipe.heads, "frames": latent,
+            "seconds": req.seconds,
             "policy": "rolling", "window": cfg.cache.rolling.window, "sink": cfg.cache.rolling.sink,
             "frames_per_chunk": per_chunk, "height": height, "width": width, "seed": req.seed,
             "capture": "mean q . mean k / sqrt(d) per frame pair, RoPE applied, averaged over denoising passes"}
