@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.outputs import FILE_MODE
 
@@ -281,3 +282,18 @@ def test_classify_rejects_bad_shapes():
 def test_middle_ratio_is_relative_to_weaker_edge():
     s = head_statistics(np.where(visible(40), 0.0, np.nan), sink=S, max_lag=17)
     assert s["middle_ratio"] == pytest.approx(1.0) and math.isclose(s["mean_score"], 0.0)
+
+
+def test_head_counts_are_plural_only_when_they_should_be():
+    one = HeadTypes.uniform("wave", 1, 1, model="one")
+    with pytest.raises(PfgenError, match=r"is for a 1x1 model \(one\), this model has 2 layers x 1 head \("):
+        one.check_model(2, 1)
+    from rich.console import Console
+
+    from pfgen.ui import print_agreement, print_head_counts
+
+    console = Console(record=True, width=200)
+    print_head_counts(console, one)
+    print_agreement(console, agreement(one.types, one.types), "other.json")
+    text = console.export_text()
+    assert "head types (1 layer x 1 head)" in text and "100.0% of 1 head\n" in text

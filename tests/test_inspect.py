@@ -132,3 +132,14 @@ def test_plot_is_bounded_at_any_frame(tmp_path, capsys):
     assert inspect_mod.pyramid_columns({"chunk": 333_333, "heads": [
         {"segments": [{"kind": "sink", "frames": [0, 1, 2]}]}]}, 3) == [0, 1, 2, *range(10**6 + 2 - PLOT_SPAN,
                                                                                           10**6 + 2)]
+
+
+@pytest.mark.parametrize("error", ["read-only", "full"])
+def test_plot_into_unwritable_folder(error, tmp_path, capsys, monkeypatch):
+    from test_profile import failing_writes
+
+    failing_writes(monkeypatch, tmp_path, error)
+    code, out, err = run_cli(["inspect-cache", "--frame", "60", "--plot", str(tmp_path / "p.png")], capsys)
+    reason = "Read-only file system" if error == "read-only" else "No space left on device"
+    assert code == 1 and reason in err and err.count("\n") == 1 and out == ""
+    assert list(tmp_path.iterdir()) == []
