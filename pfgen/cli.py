@@ -156,8 +156,8 @@ def inspect_cache(
         from pfgen.outputs import check_output_path
 
         plot = check_output_path(plot, ".png", option="--plot")
-    types, head_dim, grid = inspect_geometry(cfg, heads, policy, height or cfg.video.height,
-                                             width or cfg.video.width)
+    types, head_dim, grid = inspect_geometry(cfg, heads, policy, cfg.video.height if height is None else height,
+                                             cfg.video.width if width is None else width)
     per_chunk = cfg.sampling.frames_per_chunk
     report = cache_report(cfg.cache, types, frame, grid, head_dim, per_chunk)
     if plot is not None:

@@ -107,8 +107,7 @@ def check_frame(frame: float) -> int:
 def cache_report(cache_cfg, head_types, frame: int, grid: tuple[int, int], head_dim: int,
                  frames_per_chunk: int) -> dict:
     """The `inspect-cache --json` document for query frame `frame` (noisy passes of its chunk)."""
-    if frame < 0:
-        raise PfgenError(f"--frame must be zero or more, got {frame}")
+    frame = check_frame(frame)
     n = grid[0] * grid[1]
     t0 = frame - frame % frames_per_chunk
     kinds = sorted({k for row in head_types for k in row})
