@@ -15,6 +15,7 @@ from pfgen.errors import PfgenError
 from pfgen.inspect import MAX_FULL_FRAME, PLOT_SPAN, plan_at
 from pfgen.plots import SEGMENT_COLORS, UNKNOWN_COLOR
 from spec import key_items
+from writes import failing_writes
 from test_cache import KINDS, policy_items, spec_params
 
 
@@ -136,8 +137,6 @@ def test_plot_is_bounded_at_any_frame(tmp_path, capsys):
 
 @pytest.mark.parametrize("error", ["read-only", "full"])
 def test_plot_into_unwritable_folder(error, tmp_path, capsys, monkeypatch):
-    from test_profile import failing_writes
-
     failing_writes(monkeypatch, tmp_path, error)
     code, out, err = run_cli(["inspect-cache", "--frame", "60", "--plot", str(tmp_path / "p.png")], capsys)
     reason = "Read-only file system" if error == "read-only" else "No space left on device"

@@ -1,7 +1,6 @@
 """profile-heads: logit capture against materialised scores, end to end on the tiny model, bad inputs."""
 
 import json
-import os
 import re
 import shutil
 
@@ -13,6 +12,7 @@ import pfgen
 from pfgen.cli import main
 from pfgen.heads import HeadTypes
 from pfgen.profile.capture import LogitRecorder
+from writes import failing_writes
 
 
 class NaiveScores:
@@ -254,45 +254,6 @@ def test_compare_is_checked_before_anything_is_written(profiled, tmp_path, capsy
                          "configs/heads/self-forcing-1.3b.json"], capsys)
     assert code == 1 and "is for a 30x12 model" in err and calls == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "ref.json"]
-
-
-def failing_writes(monkeypatch, folder, error):
-    """Files opened for writing in `folder` fail like a read-only folder (EROFS, at open) or a full disk
-    (ENOSPC, at the first non-empty write): what root in a test container cannot get from chmod."""
-    import builtins
-    import errno
-    import io
-
-    real_open = io.open
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            if len(data):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return 0
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def fake_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") \
-                and os.path.dirname(os.path.abspath(file)) == str(folder):
-            if error == "read-only":
-                raise OSError(errno.EROFS, "Read-only file system", str(file))
-            return Full(real_open(file, mode, *args, **kwargs))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(io, "open", fake_open)
-    monkeypatch.setattr(builtins, "open", fake_open)
 
 
 # safetensors writes --stats-out from Rust, out of the reach of failing_writes: "full" is checked on the others
