@@ -141,11 +141,12 @@ def inspect_cache(
     config: ConfigOpt = None,
     heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
-    frame: float = typer.Option(100, metavar="FRAME", help="query frame (latent) to show, any size (e.g. 1e9)"),
+    frame: float = typer.Option(100, metavar="<int>", help="query frame (latent) to show, any size (e.g. 1e9)"),
     height: Optional[int] = typer.Option(None, help="video height (default: the config's)"),
     width: Optional[int] = typer.Option(None, help="video width (default: the config's)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
-    plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x history frames) to a PNG"),
+    plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x the sink and the last 100 "
+                                                   "frames) to a PNG"),
 ):
     """Show what every head attends to at one query frame, token budgets and K/V memory (on stdout)."""
     from pfgen.inspect import cache_report, check_frame, inspect_geometry, pyramid_columns, pyramid_rows
