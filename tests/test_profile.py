@@ -144,6 +144,7 @@ def test_threshold_override_moves_boundary(profiled, capsys):
     ("garbage_stats", "is not a pfgen statistics file (safetensors with frame_logits)"),
     ("other_safetensors", "is not a pfgen statistics file (safetensors with frame_logits)"),
     ("too_short_stats", "cannot classify these statistics: no history to profile"),
+    ("stats_out_from_stats", "--from-stats has none to write"),
 ])
 def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
     work, _ = profiled
@@ -176,6 +177,8 @@ def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
         "garbage_stats": ["--from-stats", str(garbage)],
         "other_safetensors": ["--from-stats", str(other)],
         "too_short_stats": ["--from-stats", str(short)],
+        "stats_out_from_stats": ["--from-stats", str(work / "stats.safetensors"), "--stats-out",
+                                 str(tmp_path / "s.safetensors")],
     }[case]
     code, err = run_cli(["profile-heads", *args, *out], capsys)
     assert code == 1 and message in err and err.count("\n") == 1

@@ -38,6 +38,9 @@ class ProfileRequest:
 
 def check_request(req: ProfileRequest) -> ProfileRequest:
     """Every output location and the --compare file, checked before a model loads or anything is written."""
+    if req.from_stats is not None and req.stats_out is not None:
+        raise PfgenError("--stats-out writes the statistics of a calibration run; --from-stats has none to write",
+                         "drop --stats-out")
     output = check_output_path(req.output, ".json", option="--output")
     stats_out = check_output_path(req.stats_out, ".safetensors", option="--stats-out") if req.stats_out else None
     plot = check_output_path(req.plot, ".png", option="--plot") if req.plot else None
