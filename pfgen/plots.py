@@ -191,7 +191,7 @@ def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], columns: S
         if prev is not None and t != prev + 1:
             x += GAP_W
         xs[t], x, prev = x, x + cell_w, t
-    width, bottom = x + MARGIN, y0 + len(rows) * cell_h
+    width, bottom = x + MARGIN + 6 * len(str(max(columns, default=0))), y0 + len(rows) * cell_h  # room for a label
     height = bottom + 30 + LEGEND_ROW * len(SEGMENT_COLORS) + MARGIN
     image = Image.new("RGB", (max(width, 420), height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -205,13 +205,14 @@ def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], columns: S
                 box = (xs[t], y0 + r * cell_h, xs[t] + cell_w - 1, y0 + (r + 1) * cell_h - 1)
                 draw.rectangle(box, fill=SEGMENT_COLORS.get(kind, UNKNOWN_COLOR))
     label_every = max(1, math.ceil((6 * len(str(max(columns, default=0))) + 8) / cell_w))
+    run_start = 0  # labels count from the start of each run of adjacent frames
     for i, t in enumerate(columns):
-        after_gap = i > 0 and t != columns[i - 1] + 1
-        if after_gap:
+        if i > 0 and t != columns[i - 1] + 1:
+            run_start = i
             gx = xs[t] - GAP_W
             for k in range(0, bottom - y0, 6):  # hatching: the frames in between are not drawn
                 draw.line((gx + 3, y0 + k + 6, gx + GAP_W - 3, y0 + k), fill=UNKNOWN_COLOR)
-        if i % label_every == 0 or after_gap:
+        if (i - run_start) % label_every == 0:
             draw.text((xs[t], bottom + 2), str(t), fill=INK, font=font)
     ly = bottom + 24
     for i, (name, colour) in enumerate(SEGMENT_COLORS.items()):
