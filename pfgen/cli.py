@@ -223,37 +223,39 @@ def inspect_cache(
     config: ConfigOpt = None,
     heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
-    frame: int = typer.Option(100, help="query frame (latent) to show"),
-    height: int = typer.Option(480, help="video height"),
-    width: int = typer.Option(832, help="video width"),
+    frame: float = typer.Option(100, metavar="<int>", help="query frame (latent) to show, any size (e.g. 1e9)"),
+    height: Optional[int] = typer.Option(None, help="video height (default: the config's)"),
+    width: Optional[int] = typer.Option(None, help="video width (default: the config's)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
-    plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x history frames) to a PNG"),
+    plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x the sink and the last 100 "
+                                                   "frames) to a PNG"),
 ):
-    """Show what every head attends to at one query frame, token budgets and K/V memory."""
-    from pfgen.inspect import cache_report, pyramid_rows
-    from pfgen.inspect import inspect_geometry
+    """Show what every head attends to at one query frame, token budgets and K/V memory (on stdout)."""
+    from pfgen.inspect import cache_report, check_frame, inspect_geometry, pyramid_columns, pyramid_rows
 
+    frame = check_frame(frame)
     cfg = _load_config(config, policy)
-    if frame < 0:
-        raise PfgenError(f"--frame must be zero or more, got {frame}")
     if plot is not None:
-        plot = Path(plot)
         from pfgen.outputs import check_output_path
 
-        check_output_path(plot, ".png")
-    types, head_dim, grid = inspect_geometry(cfg, heads, policy, height, width)
-    report = cache_report(cfg.cache, types, frame, grid, head_dim, cfg.sampling.frames_per_chunk)
+        plot = check_output_path(plot, ".png", option="--plot")
+    types, head_dim, grid = inspect_geometry(cfg, heads, policy, cfg.video.height if height is None else height,
+                                             cfg.video.width if width is None else width)
+    per_chunk = cfg.sampling.frames_per_chunk
+    report = cache_report(cfg.cache, types, frame, grid, head_dim, per_chunk)
     if plot is not None:
         from pfgen.plots import plot_cache_pyramid
 
-        plot_cache_pyramid(pyramid_rows(report), frame - frame % cfg.sampling.frames_per_chunk
-                           + cfg.sampling.frames_per_chunk, plot, f"frame {frame}: what each head reads")
+        plot_cache_pyramid(pyramid_rows(report), pyramid_columns(report, per_chunk), plot,
+                           f"frame {frame}: what each head reads")
     if as_json:
         typer.echo(json.dumps(report))
     else:
+        from rich.console import Console
+
         from pfgen.ui import print_cache_report
 
-        print_cache_report(_console(), report)
+        print_cache_report(Console(), report)
 
 
 @app.command("profile-heads")
@@ -274,26 +276,22 @@ def profile_heads(
     stats_out: Optional[Path] = typer.Option(None, help="also save the frame-logit statistics (safetensors)"),
     from_stats: Optional[Path] = typer.Option(None, help="classify saved statistics without loading a model"),
     work_dir: Optional[Path] = typer.Option(None, help="per-prompt statistics, for resuming (default: OUTPUT.parts)"),
+    keep_parts: bool = typer.Option(False, "--keep-parts", help="keep the per-prompt statistics after success"),
     threshold: list[str] = typer.Option([], "--threshold", "-t", help="classifier threshold, NAME=VALUE (repeat)"),
     plot: Optional[Path] = typer.Option(None, help="PNG: head-type map and mean lag profile per type"),
     compare: Optional[Path] = typer.Option(None, help="another head-type JSON to report agreement with"),
 ):
     """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
     from pfgen.config import check_video_size
-    from pfgen.outputs import check_output_path
-    from pfgen.profile.run import ProfileRequest, classify_statistics, collect_statistics, compare_with, \
-        parse_thresholds
+    from pfgen.profile.run import ProfileRequest, check_request, classify_statistics, collect_statistics, \
+        compare_with, finish, parse_thresholds
 
     thresholds = parse_thresholds(threshold)
-    check_output_path(output, ".json")
-    for path, suffix in ((stats_out, ".safetensors"), (plot, ".png")):
-        if path is not None:
-            check_output_path(path, suffix)
+    req = check_request(ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir,
+                                       tuple(threshold), plot, compare, height, width, keep_parts))
     check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, device=device, dtype=dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
                        num_heads=num_heads)
-    req = ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir, tuple(threshold), plot,
-                         compare, height, width)
     from pfgen.ui import calibration_progress, print_agreement, print_head_counts
 
     console = _console()
@@ -303,15 +301,16 @@ def profile_heads(
     else:
         stats = collect_statistics(cfg, req)
     heads, result = classify_statistics(stats, thresholds, cfg.model.name if config else None)
-    heads.save(output)
-    print_head_counts(console, heads)
-    if plot is not None:
+    if req.plot is not None:
         from pfgen.plots import plot_head_types
 
-        plot_head_types(heads.types, result.lag_profiles_by_type(), plot)
-    if compare is not None:
-        print_agreement(console, compare_with(heads, compare), compare)
-    console.print(f"wrote {output}: {heads.counts()}")
+        plot_head_types(heads.types, result.lag_profiles_by_type(), req.plot)
+    heads.save(req.output)  # last: a run that fails leaves no head-type file
+    print_head_counts(console, heads)
+    if req.reference is not None:
+        print_agreement(console, compare_with(heads, req), compare)
+    finish(req)
+    console.print(f"wrote {req.output}: {heads.counts()}")
 
 
 @app.command()
@@ -342,8 +341,10 @@ def convert(
     save_diffusers(model, output)
     c = model.config
     params = sum(p.numel() for p in model.parameters())
-    _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {c.num_layers} layers, "
-                     f"width {c.num_attention_heads * c.attention_head_dim} ({c.num_attention_heads} heads x "
+    from pfgen.words import count
+
+    _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {count(c.num_layers, 'layer')}, "
+                     f"width {c.num_attention_heads * c.attention_head_dim} ({count(c.num_attention_heads, 'head')} x "
                      f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
 
 

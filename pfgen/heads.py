@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pfgen.errors import PfgenError
 from pfgen.outputs import atomic_write_text
+from pfgen.words import count
 
 FORMAT = "pfgen.head-types/1"
 HEAD_TYPES = ("anchor", "wave", "veil")
@@ -112,7 +113,8 @@ class HeadTypes:
         if (self.layers, self.heads) != (layers, heads):
             raise PfgenError(
                 f"{where} is for a {self.layers}x{self.heads} model ({self.model}), this model has "
-                f"{layers} layers x {heads} heads", "use a head file made for this model (pfgen profile-heads)")
+                f"{count(layers, 'layer')} x {count(heads, 'head')}",
+                "use a head file made for this model (pfgen profile-heads)")
 
 
 def head_type_source(cache_cfg, policy: str, heads: str | Path | HeadTypes | None = None) -> HeadTypes | str | None:

@@ -172,14 +172,27 @@ SEGMENT_COLORS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], frames: int, path, title: str = "") -> Path:
-    """One row per head (label, {frame: segment kind}), one column per history frame 0..frames-1."""
+GAP_W = 16  # pixels of the gap marker between the sink and the recent span of `plot_cache_pyramid`
+
+
+def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], columns: Sequence[int], path,
+                       title: str = "") -> Path:
+    """One row per head (label, {frame: segment kind}), one column per frame of `columns` (increasing).
+
+    Where `columns` skips frames (between the sink and the recent span), a hatched gap column marks the
+    jump, so the image stays as wide as the columns given whatever the frame numbers are.
+    """
     font = _font()
-    cell_w = max(2, min(12, 900 // max(1, frames)))
+    cell_w = max(2, min(12, 900 // max(1, len(columns))))
     cell_h = max(2, min(12, 720 // max(1, len(rows))))
     x0, y0 = MARGIN + 90, MARGIN + TITLE_H
-    width = x0 + frames * cell_w + MARGIN
-    height = y0 + len(rows) * cell_h + 30 + LEGEND_ROW * len(SEGMENT_COLORS) + MARGIN
+    xs, x, prev = {}, x0, None
+    for t in columns:
+        if prev is not None and t != prev + 1:
+            x += GAP_W
+        xs[t], x, prev = x, x + cell_w, t
+    width, bottom = x + MARGIN + 6 * len(str(max(columns, default=0))), y0 + len(rows) * cell_h  # room for a label
+    height = bottom + 30 + LEGEND_ROW * len(SEGMENT_COLORS) + MARGIN
     image = Image.new("RGB", (max(width, 420), height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, MARGIN), title or "frames each head reads (rows: heads, cols: frames)", fill=INK, font=font)
@@ -188,11 +201,20 @@ def plot_cache_pyramid(rows: Sequence[tuple[str, Mapping[int, str]]], frames: in
         if r % step == 0:
             draw.text((MARGIN, y0 + r * cell_h), label, fill=INK, font=font)
         for t, kind in kinds.items():
-            box = (x0 + t * cell_w, y0 + r * cell_h, x0 + (t + 1) * cell_w - 1, y0 + (r + 1) * cell_h - 1)
-            draw.rectangle(box, fill=SEGMENT_COLORS.get(kind, UNKNOWN_COLOR))
-    for t in range(0, frames, max(1, math.ceil(30 / cell_w))):
-        draw.text((x0 + t * cell_w, y0 + len(rows) * cell_h + 2), str(t), fill=INK, font=font)
-    ly = y0 + len(rows) * cell_h + 24
+            if t in xs:
+                box = (xs[t], y0 + r * cell_h, xs[t] + cell_w - 1, y0 + (r + 1) * cell_h - 1)
+                draw.rectangle(box, fill=SEGMENT_COLORS.get(kind, UNKNOWN_COLOR))
+    label_every = max(1, math.ceil((6 * len(str(max(columns, default=0))) + 8) / cell_w))
+    run_start = 0  # labels count from the start of each run of adjacent frames
+    for i, t in enumerate(columns):
+        if i > 0 and t != columns[i - 1] + 1:
+            run_start = i
+            gx = xs[t] - GAP_W
+            for k in range(0, bottom - y0, 6):  # hatching: the frames in between are not drawn
+                draw.line((gx + 3, y0 + k + 6, gx + GAP_W - 3, y0 + k), fill=UNKNOWN_COLOR)
+        if (i - run_start) % label_every == 0:
+            draw.text((xs[t], bottom + 2), str(t), fill=INK, font=font)
+    ly = bottom + 24
     for i, (name, colour) in enumerate(SEGMENT_COLORS.items()):
         draw.rectangle((x0, ly + i * LEGEND_ROW, x0 + 12, ly + i * LEGEND_ROW + 12), fill=colour)
         draw.text((x0 + 18, ly + i * LEGEND_ROW), name, fill=INK, font=font)

@@ -8,11 +8,7 @@ from contextlib import contextmanager
 
 from pfgen.frames import video_frames_for
 from pfgen.generate import format_bytes
-
-
-def count(n: int, noun: str) -> str:
-    """"1 video", "2 videos"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+from pfgen.words import count
 
 
 @contextmanager
@@ -90,6 +86,9 @@ class CalibrationProgress:
         self.progress.start()
         self.started = True
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/] {text}")
+
     def chunk(self, chunk) -> None:
         self.progress.update(self.chunks, completed=chunk.index + 1)
 
@@ -112,7 +111,8 @@ def print_head_counts(console, heads) -> None:
     """Counts per type per layer, and totals."""
     from rich.table import Table
 
-    table = Table(title=f"head types ({heads.layers} layers x {heads.heads} heads)", title_justify="left")
+    table = Table(title=f"head types ({count(heads.layers, 'layer')} x {count(heads.heads, 'head')})",
+                  title_justify="left")
     for col in ("layer", "anchor", "wave", "veil"):
         table.add_column(col, justify="right")
     for layer, row in enumerate(heads.types):
@@ -126,7 +126,7 @@ def print_agreement(console, report: dict, other) -> None:
     """Overall agreement, per-type recall/precision and the confusion matrix against another file."""
     from rich.table import Table
 
-    console.print(f"agreement with {other}: {report['agreement']:.1%} of {report['n']} heads")
+    console.print(f"agreement with {other}: {report['agreement']:.1%} of {count(report['n'], 'head')}")
     table = Table(title="confusion (rows: these labels, columns: the other file)", title_justify="left")
     table.add_column("")
     for name in report["order"]:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pfgen.heads import HeadTypes
+from pfgen.words import count
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     heads = HeadTypes.from_label_csv(args.csv, args.model)
     heads = replace(heads, calibration={"source": f"published labels, {args.csv.name}"})
     heads.save(args.output)
-    print(f"{args.output}: {heads.layers}x{heads.heads} heads, {heads.counts()}")
+    print(f"{args.output}: {count(heads.layers, 'layer')} x {count(heads.heads, 'head')}, {heads.counts()}")
 
 
 if __name__ == "__main__":

@@ -10,19 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
+from pfgen.errors import PfgenError
+from pfgen.heads import HeadTypes
 from pfgen.outputs import FILE_MODE
 
 from pfgen.profile.classify import (
     TYPES,
-    Classification,
     Thresholds,
     agreement,
     classify,
-    counts,
     decide,
     head_statistics,
     lag_profile,
-    layer_counts,
     periodicity,
 )
 from pfgen.plots import TYPE_COLORS, grid_geometry, plot_head_types
@@ -88,7 +87,7 @@ def test_planted_heads_are_classified_exactly(seed):
     logits, truth = planted(seed=seed)
     got = classify(logits, sink_frames=S, window=W)
     assert got.types == truth
-    assert counts(got.types) == {"anchor": 8, "wave": 8, "veil": 8}
+    assert HeadTypes.from_rows(got.types, "planted").counts() == {"anchor": 8, "wave": 8, "veil": 8}
 
 
 def test_reasons_and_statistics_explain_the_type(result, data):
@@ -157,13 +156,17 @@ def test_classification_is_deterministic_and_accepts_torch(data, result):
     assert from_torch.types == result.types
 
 
-def test_reclassify_from_saved_calibration(result, data):
+def test_saved_statistics_explain_every_type(result, data):
+    """The saved record is enough to see why: `decide` on a head's saved statistics gives its type, and
+    classifying again with other thresholds (what --from-stats -t does) equals deciding on those statistics."""
     saved = json.loads(json.dumps(result.to_calibration()))
-    assert Classification.from_calibration(saved).types == result.types
+    thresholds = Thresholds.from_overrides(saved["thresholds"])
+    assert [[decide(s, thresholds)[0] for s in row] for row in saved["heads"]] == saved["types"] == result.types
+    assert saved["counts"] == {"anchor": 8, "wave": 8, "veil": 8}
     strict = Thresholds.from_overrides({"min_periodic_energy": 0.999})
-    again = Classification.from_calibration(saved, thresholds=strict)
-    assert again.types == classify(data[0], S, W, strict).types
-    assert counts(again.types)["wave"] == 0
+    again = classify(data[0], S, W, strict)
+    assert again.types == [[decide(s, strict)[0] for s in row] for row in saved["heads"]]
+    assert sum(row.count("wave") for row in again.types) == 0
 
 
 def test_raising_min_periodic_energy_turns_a_wave_head_non_wave(result):
@@ -241,12 +244,6 @@ def test_agreement_confusion_matrix():
         agreement(a, [["anchor", "wave", "sink"], ["anchor", "anchor", "veil"]])
 
 
-def test_counts_per_layer():
-    types = [["anchor", "wave", "veil"], ["veil", "veil", "anchor"]]
-    assert counts(types) == {"anchor": 2, "wave": 1, "veil": 3}
-    assert layer_counts(types) == [{"anchor": 1, "wave": 1, "veil": 1}, {"anchor": 1, "wave": 0, "veil": 2}]
-
-
 def test_plot_writes_png_atomically(tmp_path, result):
     out = tmp_path / "heads.png"
     profiles = result.lag_profiles_by_type()
@@ -285,3 +282,18 @@ def test_classify_rejects_bad_shapes():
 def test_middle_ratio_is_relative_to_weaker_edge():
     s = head_statistics(np.where(visible(40), 0.0, np.nan), sink=S, max_lag=17)
     assert s["middle_ratio"] == pytest.approx(1.0) and math.isclose(s["mean_score"], 0.0)
+
+
+def test_head_counts_are_plural_only_when_they_should_be():
+    one = HeadTypes.uniform("wave", 1, 1, model="one")
+    with pytest.raises(PfgenError, match=r"is for a 1x1 model \(one\), this model has 2 layers x 1 head \("):
+        one.check_model(2, 1)
+    from rich.console import Console
+
+    from pfgen.ui import print_agreement, print_head_counts
+
+    console = Console(record=True, width=200)
+    print_head_counts(console, one)
+    print_agreement(console, agreement(one.types, one.types), "other.json")
+    text = console.export_text()
+    assert "head types (1 layer x 1 head)" in text and "100.0% of 1 head\n" in text

@@ -1,6 +1,8 @@
 """profile-heads: logit capture against materialised scores, end to end on the tiny model, bad inputs."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import pfgen
 from pfgen.cli import main
 from pfgen.heads import HeadTypes
 from pfgen.profile.capture import LogitRecorder
+from writes import failing_writes
 
 
 class NaiveScores:
@@ -74,7 +77,7 @@ def profiled(tmp_path_factory):
     prompts.write_text("a red kite\n\n# a comment\na cat on a sofa\n")
     args = ["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32", "--width", "48",
             "-o", str(work / "heads.json"), "--stats-out", str(work / "stats.safetensors"),
-            "--plot", str(work / "heads.png")]
+            "--plot", str(work / "heads.png"), "--keep-parts"]
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 0
@@ -90,8 +93,8 @@ def test_profile_heads_end_to_end(profiled, capsys, tmp_path):
     assert set(calibration["thresholds"]) >= {"min_flip_rate", "min_periodic_energy"}
     assert len(calibration["heads"]) == 4 and "flip_rate" in calibration["heads"][0][0]
     assert (work / "heads.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (work / "heads.parts").iterdir()) == ["prompt-0000.safetensors",
-                                                                         "prompt-0001.safetensors"]
+    names = sorted(p.name for p in (work / "heads.parts").iterdir())
+    assert [re.fullmatch(r"prompt-000[01]-[0-9a-f]{16}\.safetensors", n) is not None for n in names] == [True] * 2
     code, err = run_cli(["generate", "--policy", "pyramid", "--heads", str(work / "heads.json"), "--seconds", "1",
                          "--height", "32", "--width", "48", "-o", str(tmp_path / "v.mp4")], capsys)
     assert code == 0, err
@@ -135,6 +138,13 @@ def test_threshold_override_moves_boundary(profiled, capsys):
     ("threshold", "unknown threshold 'nope'"),
     ("bad_stats", "frame_logits has shape"),
     ("other_model", "statistics are for model 'tiny'"),
+    ("binary_prompts", "is not UTF-8 text"),
+    ("binary_compare", "not a head-type file (not UTF-8 text)"),
+    ("no_sink", "its metadata has no valid 'sink' (None)"),
+    ("garbage_stats", "is not a pfgen statistics file (safetensors with frame_logits)"),
+    ("other_safetensors", "is not a pfgen statistics file (safetensors with frame_logits)"),
+    ("too_short_stats", "cannot classify these statistics: no history to profile"),
+    ("stats_out_from_stats", "--from-stats has none to write"),
 ])
 def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
     work, _ = profiled
@@ -144,6 +154,16 @@ def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     meta = {"format": "pfgen.head-stats/1", "layers": 4, "heads": 4, "frames": 9, "window": 21, "sink": 3}
     save_file({"frame_logits": torch.zeros(4, 4, 8, 8)}, str(bad), metadata={"pfgen": json.dumps(meta)})
+    no_sink = tmp_path / "no_sink.safetensors"
+    save_file({"frame_logits": torch.zeros(4, 4, 9, 9)}, str(no_sink),
+              metadata={"pfgen": json.dumps({k: v for k, v in meta.items() if k != "sink"})})
+    short = tmp_path / "short.safetensors"
+    save_file({"frame_logits": torch.zeros(4, 4, 5, 5)}, str(short),
+              metadata={"pfgen": json.dumps({**meta, "frames": 5})})
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     args = {
         "empty_prompts": ["--prompts", str(empty)],
         "missing_prompts": ["--prompts", str(tmp_path / "none.txt")],
@@ -151,7 +171,109 @@ def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
         "threshold": ["-t", "nope=1", "--from-stats", str(work / "stats.safetensors")],
         "bad_stats": ["--from-stats", str(bad)],
         "other_model": ["--from-stats", str(work / "stats.safetensors"), "--config", "self-forcing"],
+        "binary_prompts": ["--prompts", str(garbage)],
+        "binary_compare": ["--from-stats", str(work / "stats.safetensors"), "--compare", str(garbage)],
+        "no_sink": ["--from-stats", str(no_sink)],
+        "garbage_stats": ["--from-stats", str(garbage)],
+        "other_safetensors": ["--from-stats", str(other)],
+        "too_short_stats": ["--from-stats", str(short)],
+        "stats_out_from_stats": ["--from-stats", str(work / "stats.safetensors"), "--stats-out",
+                                 str(tmp_path / "s.safetensors")],
     }[case]
     code, err = run_cli(["profile-heads", *args, *out], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "h.json").exists()
+
+
+def fake_profile(calls):
+    """Stands in for one prompt's calibration run (no model forward): zeros of the right shape."""
+    def run(pipe, prompt, latent_frames, seed, size, on_chunk):
+        calls.append((prompt, seed, latent_frames, size))
+        return torch.zeros(pipe.layers, pipe.heads, latent_frames, latent_frames)
+    return run
+
+
+def test_parts_are_keyed_on_every_capture_setting(profiled, tmp_path, capsys, monkeypatch):
+    """A rerun with another seed, size or length never reuses the saved parts; the original settings still do."""
+    work, args = profiled
+    import pfgen.profile.calibrate as calibrate
+
+    parts = tmp_path / "parts"
+    shutil.copytree(work / "heads.parts", parts)
+    saved = sorted(p.name for p in parts.iterdir())
+    calls = []
+    monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls))
+    base = [a for a in args if a != "--stats-out"]
+    base = base[:base.index(str(work / "stats.safetensors"))] + base[base.index("--plot"):]
+    base = [*base[:base.index("-o")], "-o", str(tmp_path / "h.json"), "--work-dir", str(parts),
+            *base[base.index("-o") + 2:]]
+    for stale, (change, value) in enumerate((("--seed", "5"), ("--height", "64"), ("--seconds", "3")), 1):
+        calls.clear()
+        code, err = run_cli([*base, change, value], capsys)
+        assert code == 0, err
+        assert len(calls) == 2, change  # both prompts profiled again
+        assert f"ignoring {2 * stale} saved parts" in " ".join(err.split()) and "other settings" in err
+        capture = json.loads((tmp_path / "h.json").read_text())["calibration"]["capture"]
+        assert str(capture[change.lstrip("-")]) in (value, f"{float(value)}")
+    calls.clear()
+    code, err = run_cli(base, capsys)  # the original settings: their parts are still there and reused
+    assert code == 0 and calls == [] and "ignoring 6 saved parts" in " ".join(err.split())
+    assert set(saved) <= {p.name for p in parts.iterdir()}
+
+
+def test_parts_are_removed_after_success(tmp_path, capsys, monkeypatch):
+    import pfgen.profile.calibrate as calibrate
+
+    calls = []
+    monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\n")
+    code, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
+                         "--width", "48", "-o", str(tmp_path / "h.json")], capsys)
+    assert code == 0, err
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "p.txt"]
+
+
+def test_compare_is_checked_before_anything_is_written(profiled, tmp_path, capsys, monkeypatch):
+    work, _ = profiled
+    reference = tmp_path / "ref.json"
+    shutil.copy(work / "heads.json", reference)
+    before = reference.read_bytes()
+    stats = ["--from-stats", str(work / "stats.safetensors")]
+    code, err = run_cli(["profile-heads", *stats, "-o", str(reference), "--compare", str(reference)], capsys)
+    assert code == 1 and "--output and --compare are the same file" in err and err.count("\n") == 1
+    code, err = run_cli(["profile-heads", *stats, "-o", str(tmp_path / "." / "ref.json"), "--compare",
+                         str(reference)], capsys)
+    assert code == 1 and "same file" in err
+    assert reference.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ref.json"]
+    # a --compare file of another model fails after the model loads, before any calibration run
+    import pfgen.profile.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls := []))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\n")
+    code, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
+                         "--width", "48", "-o", str(tmp_path / "h.json"), "--compare",
+                         "configs/heads/self-forcing-1.3b.json"], capsys)
+    assert code == 1 and "is for a 30x12 model" in err and calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "ref.json"]
+
+
+# safetensors writes --stats-out from Rust, out of the reach of failing_writes: "full" is checked on the others
+@pytest.mark.parametrize("option, error", [("-o", "read-only"), ("-o", "full"), ("--stats-out", "read-only"),
+                                           ("--plot", "read-only"), ("--plot", "full")])
+def test_unwritable_output_folder(option, error, profiled, tmp_path, capsys, monkeypatch):
+    work, _ = profiled
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    name = {"-o": "h.json", "--stats-out": "s.safetensors", "--plot": "h.png"}[option]
+    paths = {"-o": tmp_path / "h.json", option: bad / name}
+    args = ["profile-heads", "--from-stats", str(work / "stats.safetensors")]
+    if option == "--stats-out":  # only a calibration run writes statistics
+        args = ["profile-heads", "--seconds", "2"]
+    failing_writes(monkeypatch, bad, error)
+    code, err = run_cli([*args, *(a for k, v in paths.items() for a in (k, str(v)))], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    reason = "Read-only file system" if error == "read-only" else "No space left on device"
+    assert f"cannot write {bad if error == 'read-only' else bad / name}: {reason}" in err
+    assert list(bad.iterdir()) == []

@@ -18,7 +18,7 @@ from pfgen.batch.manifest import MANIFEST, REQUEST_KEYS, append_entry, merge_man
 from pfgen.batch.ranks import Ranks, distributed
 from pfgen.batch.suite import BatchRequest, Job, check_options, parse_policies, plan_jobs, read_prompts
 from pfgen.config import Config
-from pfgen.ui import count
+from pfgen.words import count
 
 __all__ = ["BatchRequest", "MANIFEST", "REQUEST_KEYS", "check_options", "parse_policies", "plan_jobs", "prepare",
            "read_prompts", "run_batch"]

@@ -33,9 +33,10 @@ Decision order (``decide``; first match wins):
 4. fallback (undecided): anchor if middle_mean - mean_score >= fallback_min_margin, else veil.
 5. no usable statistics: anchor (the conservative type: it keeps the full context).
 
-The decision reads only the saved per-head statistics, so a calibration file
-can be re-classified with other thresholds (``Classification.from_calibration``
-or ``reclassify``) without the logits.
+The decision reads only the per-head statistics, which the head-type file keeps
+(``Classification.to_calibration``) so a user can see why each head got its type;
+re-classifying with other thresholds goes through the saved frame logits
+(``pfgen profile-heads --from-stats -t NAME=VALUE``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pfgen.heads import HEAD_TYPES as TYPES
+from pfgen.heads import HeadTypes
 
 RULE = (
     "1 wave if n_lags>=min_wave_lags, flip_rate>=min_flip_rate, periodic_energy>=min_periodic_energy, "
@@ -299,13 +301,6 @@ def decide(stats: Mapping[str, Any], thresholds: Thresholds = Thresholds()) -> t
     return ("anchor" if middle - mean >= thresholds.fallback_min_margin else "veil"), "fallback"
 
 
-def reclassify(stats: Sequence[Sequence[Mapping[str, Any]]],
-               thresholds: Thresholds = Thresholds()) -> tuple[list[list[str]], list[list[str]]]:
-    """Types and fired rules for a layers x heads grid of saved statistics."""
-    decided = [[decide(s, thresholds) for s in row] for row in stats]
-    return [[t for t, _ in row] for row in decided], [[r for _, r in row] for row in decided]
-
-
 @dataclass
 class Classification:
     """Head types with the statistics and thresholds that produced them."""
@@ -317,7 +312,7 @@ class Classification:
     settings: dict = field(default_factory=dict)
 
     def to_calibration(self) -> dict[str, Any]:
-        """JSON-ready record; ``from_calibration`` re-runs the decision from it."""
+        """JSON-ready record: `decide` on each head's statistics with these thresholds gives its type."""
         return {
             "version": 1,
             "thresholds": self.thresholds.to_dict(),
@@ -325,17 +320,9 @@ class Classification:
             "statistics": dict(self.settings),
             "types": [list(row) for row in self.types],
             "reasons": [list(row) for row in self.reasons],
-            "counts": counts(self.types),
+            "counts": HeadTypes.from_rows(self.types, "").counts(),
             "heads": [[dict(s) for s in row] for row in self.stats],
         }
-
-    @classmethod
-    def from_calibration(cls, data: Mapping[str, Any], thresholds: Thresholds | None = None) -> "Classification":
-        """Re-decide every head from saved statistics (with the saved thresholds unless given)."""
-        th = thresholds if thresholds is not None else Thresholds.from_overrides(data.get("thresholds", {}))
-        stats = [[dict(s) for s in row] for row in data["heads"]]
-        types, reasons = reclassify(stats, th)
-        return cls(types, stats, th, reasons, dict(data.get("statistics", {})))
 
     def lag_profiles_by_type(self) -> dict[str, np.ndarray]:
         """Mean lag profile (index i = lag i+1) of each type present, for plotting."""
@@ -366,7 +353,8 @@ def classify(frame_logits: Any, sink_frames: int = 3, window: int | None = 21,
                          f"recent_lags={recent_lags}, max_lag={max_lag}")
     stats = [[head_statistics(arr[l, h], sink_frames, max_lag, recent_lags, detrend)
               for h in range(arr.shape[1])] for l in range(arr.shape[0])]
-    types, reasons = reclassify(stats, thresholds)
+    decided = [[decide(s, thresholds) for s in row] for row in stats]
+    types, reasons = [[t for t, _ in row] for row in decided], [[r for _, r in row] for row in decided]
     settings = {"sink_frames": sink_frames, "window": window, "max_lag": max_lag,
                 "recent_lags": recent_lags, "detrend": detrend, "frames": t}
     return Classification(types, stats, thresholds, reasons, settings)
@@ -380,18 +368,6 @@ def _check_types(types: Sequence[Sequence[str]], name: str) -> None:
         for t in row:
             if t not in TYPES:
                 raise ValueError(f"{name}: unknown head type {t!r}; known: {', '.join(TYPES)}")
-
-
-def counts(types: Sequence[Sequence[str]]) -> dict[str, int]:
-    """How many heads of each type, in the order anchor, wave, veil."""
-    _check_types(types, "types")
-    flat = [t for row in types for t in row]
-    return {t: flat.count(t) for t in TYPES}
-
-
-def layer_counts(types: Sequence[Sequence[str]]) -> list[dict[str, int]]:
-    """``counts`` of each layer, in layer order."""
-    return [counts([row]) for row in types]
 
 
 def agreement(types_a: Sequence[Sequence[str]], types_b: Sequence[Sequence[str]]) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
-from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, model_fingerprint, read_prompts
+from pfgen.outputs import check_folder_writable, check_output_path, check_outputs
+from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, model_fingerprint, read_prompts, \
+    remove_parts
 from pfgen.profile.classify import Thresholds, agreement, classify
 
 
@@ -25,6 +27,37 @@ class ProfileRequest:
     compare: Path | None = None
     height: int | None = None
     width: int | None = None
+    keep_parts: bool = False
+    reference: HeadTypes | None = None  # the --compare file, read before any work
+
+    @property
+    def parts(self) -> Path:
+        """Folder of the per-prompt statistics (resume state)."""
+        return self.work_dir.expanduser() if self.work_dir else self.output.with_name(self.output.stem + ".parts")
+
+
+def check_request(req: ProfileRequest) -> ProfileRequest:
+    """Every output location and the --compare file, checked before a model loads or anything is written."""
+    if req.from_stats is not None and req.stats_out is not None:
+        raise PfgenError("--stats-out writes the statistics of a calibration run; --from-stats has none to write",
+                         "drop --stats-out")
+    output = check_output_path(req.output, ".json", option="--output")
+    stats_out = check_output_path(req.stats_out, ".safetensors", option="--stats-out") if req.stats_out else None
+    plot = check_output_path(req.plot, ".png", option="--plot") if req.plot else None
+    check_outputs(output=output, stats_out=stats_out, plot=plot)
+    reference = None
+    if req.compare is not None:
+        if req.compare.expanduser().resolve() == output.resolve():
+            raise PfgenError(f"--output and --compare are the same file ({output})",
+                             "write the new labels to another file and compare them with this one")
+        reference = HeadTypes.load(req.compare.expanduser())
+    req = replace(req, output=output, stats_out=stats_out, plot=plot, reference=reference)
+    if req.from_stats is None:
+        parts = req.parts
+        if parts.exists() and not parts.is_dir():
+            raise PfgenError(f"--work-dir {parts} is a file", "give a folder")
+        check_folder_writable(parts if parts.exists() else parts.parent)
+    return req
 
 
 def parse_thresholds(items) -> Thresholds:
@@ -37,7 +70,9 @@ def parse_thresholds(items) -> Thresholds:
 def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
     """Run the calibration prompts through the rolling baseline (resumable), or read saved statistics."""
     if req.from_stats is not None:
-        return Statistics.load(req.from_stats)
+        stats = Statistics.load(req.from_stats)
+        _check_reference(req, stats.meta["layers"], stats.meta["heads"])
+        return stats
     from pfgen.frames import frames_for_seconds
     from pfgen.frames import latent_frames_for
     from pfgen.pipeline import load_pipeline
@@ -49,18 +84,32 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
         raise PfgenError(f"--seconds {req.seconds} gives {latent // per_chunk} chunk(s): no history to profile",
                          "use at least 2 chunks (the published recipe uses 15 s)")
     pipe = load_pipeline(cfg)
+    _check_reference(req, pipe.layers, pipe.heads)
     height, width = req.height or cfg.video.height, req.width or cfg.video.width
     pipe.latent_grid(height, width)
     meta = {"format": STATS_FORMAT, "model": cfg.model.name, "fingerprint": model_fingerprint(pipe.transformer),
-            "layers": pipe.layers, "heads": pipe.heads, "frames": latent, "seconds": req.seconds,
+            "dtype": str(pipe.dtype).removeprefix("torch."), "text_encoder": cfg.model.wan_dir or "embedded",
+            "sampling": asdict(cfg.sampling), "layers": pipe.layers, "heads": pipe.heads, "frames": latent,
+            "seconds": req.seconds,
             "policy": "rolling", "window": cfg.cache.rolling.window, "sink": cfg.cache.rolling.sink,
             "frames_per_chunk": per_chunk, "height": height, "width": width, "seed": req.seed,
             "capture": "mean q . mean k / sqrt(d) per frame pair, RoPE applied, averaged over denoising passes"}
-    work = req.work_dir or req.output.with_name(req.output.stem + ".parts")
-    stats = calibrate(pipe, prompts, latent, req.seed, work, meta, progress)
+    stats = calibrate(pipe, prompts, latent, req.seed, req.parts, meta, progress)
     if req.stats_out is not None:
         stats.save(req.stats_out)
     return stats
+
+
+def _check_reference(req: ProfileRequest, layers: int, heads: int) -> None:
+    """A --compare file for another model fails now, not after the calibration runs."""
+    if req.reference is not None:
+        req.reference.check_model(layers, heads, where=f"--compare {req.compare}")
+
+
+def finish(req: ProfileRequest) -> None:
+    """After a successful run: the per-prompt parts go, unless --keep-parts."""
+    if req.from_stats is None and not req.keep_parts:
+        remove_parts(req.parts)
 
 
 def classify_statistics(stats: Statistics, thresholds: Thresholds, expected_model: str | None = None):
@@ -68,7 +117,11 @@ def classify_statistics(stats: Statistics, thresholds: Thresholds, expected_mode
     if expected_model is not None and meta.get("model") not in (None, expected_model):
         raise PfgenError(f"statistics are for model '{meta.get('model')}', the config is for '{expected_model}'",
                          "use the statistics of this model or its config")
-    result = classify(stats.frame_logits, sink_frames=meta["sink"], window=meta["window"], thresholds=thresholds)
+    try:
+        result = classify(stats.frame_logits, sink_frames=meta["sink"], window=meta["window"],
+                          thresholds=thresholds)
+    except ValueError as exc:
+        raise PfgenError(f"cannot classify these statistics: {exc}", "profile longer videos (--seconds)") from None
     calibration = {**result.to_calibration(),
                    "capture": {k: meta.get(k) for k in ("fingerprint", "seconds", "policy", "window", "sink",
                                                         "frames_per_chunk", "height", "width", "seed", "capture")},
@@ -77,10 +130,7 @@ def classify_statistics(stats: Statistics, thresholds: Thresholds, expected_mode
     return heads, result
 
 
-def compare_with(heads: HeadTypes, other_path: Path) -> dict:
-    other = HeadTypes.load(other_path)
-    if (other.layers, other.heads) != (heads.layers, heads.heads):
-        raise PfgenError(f"{other_path} is {other.layers}x{other.heads}, these labels are "
-                         f"{heads.layers}x{heads.heads}", "compare files made for the same model")
-    return agreement(heads.types, other.types)
+def compare_with(heads: HeadTypes, req: ProfileRequest) -> dict:
+    """Agreement of the new labels with the --compare file (already read and checked)."""
+    return agreement(heads.types, req.reference.types)
 
