@@ -76,6 +76,7 @@ class Pipeline:
         self.state = make_causal(transformer)
         self._cache_key = None
         self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
+        self.policy, self.original_head_types = None, None  # of the current cache
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -117,6 +118,7 @@ class Pipeline:
         keep the original order, so what an observer sees under `rolling` is always in checkpoint order.
         """
         types = self.head_types(policy, heads)
+        self.policy, self.original_head_types = policy, types  # what a saved state records (pfgen.state)
         order = [grouped_order(row) for row in types]
         self._head_order = set_head_order(self.transformer, self._head_order, order)
         types = [[row[h] for h in layer_order] for row, layer_order in zip(types, order)]
@@ -182,7 +184,7 @@ class Pipeline:
         decoder = StreamingDecoder(self.vae) if decode else None
         if decoder:
             decoder.reset()
-        story.noise, story.decoder = noise, decoder
+        story.noise, story.decoder, story.size = noise, decoder, (height, width)
         if resume is not None:
             resume.restore(self, story, cache)
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)

@@ -35,7 +35,7 @@ class Story:
         self.switches: list[dict] = []  # this run's switches (the first prompt of a fresh run included)
         self.history: list[dict] = []  # switches of the runs before a resume, in their own videos' time
         self.recached_chunks = 0  # extra clean passes spent on re-cache
-        self.noise = self.decoder = None  # set by `Pipeline.stream`
+        self.noise = self.decoder = self.size = None  # set by `Pipeline.stream`
         self._schedule: list[tuple[int, Entry]] = []
         self._encode: Callable[[str], torch.Tensor] | None = None
 
