@@ -84,6 +84,17 @@ def generate(
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (safetensors)"),
+    then: list[str] = typer.Option([], "--then", metavar="SECONDS PROMPT",
+                                   help="switch to PROMPT at the first chunk boundary at or after SECONDS (repeat)"),
+    timeline: Optional[Path] = typer.Option(None, help="YAML/JSON list of {at: seconds, prompt: text}, the first at 0"),
+    recache: bool = typer.Option(True, "--recache/--no-recache", help="at a switch, re-encode the cached history "
+                                                                      "under the new prompt"),
+    resume: Optional[Path] = typer.Option(None, help="continue a run saved with --save-state (--seconds more)"),
+    save_state: Optional[Path] = typer.Option(None, help="save the run to continue it later (--resume)"),
+    save_state_every: int = typer.Option(0, help="also save the state every N chunks"),
+    preview: Optional[Path] = typer.Option(None, help="the newest frame (.jpg/.png), replaced after every chunk"),
+    frames_dir: Optional[Path] = typer.Option(None, help="every frame as a PNG in this folder (-o then optional)"),
+    interactive: bool = typer.Option(False, help="read new prompts from stdin while generating"),
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced.
 
@@ -95,13 +106,18 @@ def generate(
     from pfgen.config import check_video_size
     from pfgen.frames import frames_for_seconds
     from pfgen.outputs import check_output_path
+    from pfgen.storyopts import StoryOptions, check_story_options
 
+    story = StoryOptions(then, timeline, recache, resume, save_state, save_state_every, preview, frames_dir,
+                         interactive)
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
-    if not batch:
-        output = check_output_path(output or Path("pfgen.mp4"), ".mp4")
+    if batch and story.used():
+        raise PfgenError(f"{story.used()[0]} is for a single video", "leave it out in batch mode")
     check_video_size(height, width, option_prefix="--")  # before any model is loaded
     if save_latents is not None:
         save_latents = check_output_path(save_latents)
+    if not batch:
+        entries, state, output = check_story_options(story, prompt, output, save_latents)
     cfg = _load_config(config, policy, backend, device, dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
                        num_heads=num_heads, text_encoder_device=text_encoder_device)
     if frames is not None and frames < 1:
@@ -113,27 +129,40 @@ def generate(
         request = BatchRequest(prompts.expanduser(), output_dir.expanduser(), parse_policies(policies), seed,
                                num_frames, heads, height, width)
         return run_batch(cfg, request, _console())
-    _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height, width,
-                  save_latents)
+    from pfgen.storyopts import check_fit, make_story
+    from pfgen.timeline import Entry
+
+    if entries is None and state is None:
+        entries = [Entry(0.0, DEFAULT_PROMPT)]
+    check_fit(cfg, entries, state, num_frames, height, width)
+    _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, (story.frames_dir, story.preview),
+                  story=make_story(story, entries, _console()), resume=state, save_state=story.save_state,
+                  save_state_every=story.save_state_every)
 
 
-def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents):
-    from pfgen.generate import generate_video
+def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, files, **story):
+    from pfgen.generate import format_bytes, generate_video
     from pfgen.pipeline import load_pipeline
+    from pfgen.sinks import FrameFiles
     from pfgen.ui import chunk_progress
 
     console = _console()
     with console.status("loading model"):
         pipe = load_pipeline(cfg)
     pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
-    pipe.head_types(cfg.cache.policy, heads)  # a wrong head file fails before any output exists
+    types = pipe.head_types(cfg.cache.policy, heads)  # a wrong head file fails before any output exists
+    if story["resume"] is not None:
+        story["resume"].check_model(pipe, types)
     if cfg.model.checkpoint is None:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
                       "(give --checkpoint and --wan-dir for real weights)")
+    files = FrameFiles(*files) if any(f is not None for f in files) else None
     with chunk_progress(console, cfg.video.fps) as on_chunk:
-        stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
-                               width=width, save_latents=save_latents, on_chunk=on_chunk)
-    console.print(stats.summary())
+        stats = generate_video(pipe, None, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
+                               width=width, save_latents=save_latents, on_chunk=on_chunk, files=files, **story)
+    console.print(stats.summary(), highlight=False, markup=False, soft_wrap=True)
+    if stats.state_bytes is not None:
+        console.print(f"saved state {story['save_state']}: {format_bytes(stats.state_bytes)}", highlight=False)
 
 
 @app.command("inspect-cache")
@@ -261,10 +290,26 @@ def convert(
                      f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
 
 
+def _pair_then(argv: list[str]) -> list[str]:
+    """Typer has no repeatable two-value option: `--then SECONDS PROMPT` travels as one value (see timeline)."""
+    from pfgen.timeline import THEN_SEPARATOR
+
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--then" and i + 2 < len(argv):
+            out += ["--then", THEN_SEPARATOR.join(argv[i + 1:i + 3])]
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
     try:
-        code = app(args=argv, prog_name="pfgen", standalone_mode=False)
+        code = app(args=_pair_then(sys.argv[1:] if argv is None else list(argv)), prog_name="pfgen",
+                   standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: interrupted (no partial output was kept)", err=True)
         sys.exit(130)

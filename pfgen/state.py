@@ -46,12 +46,15 @@ def heads_fingerprint(types: list[list[str]]) -> str:
 
 def model_fingerprint(pipe) -> str:
     """Transformer and VAE: architecture plus up to 1024 evenly spaced values of every parameter (cheap, and
-    any other checkpoint differs). Heads are read in the order the run's policy and head types give them
-    (`wan.head_order`), which those fingerprints pin."""
+    any other checkpoint differs). Self-attention weights are left out: their heads are reordered per policy
+    (`wan.head_order`), and every other weight already tells checkpoints apart."""
     h = hashlib.sha256()
     for module in (pipe.transformer, pipe.vae):
-        h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+        arch = {k: v for k, v in module.config.items() if not k.startswith("_")}  # "_..." vary between runs
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
         for name, param in sorted(module.named_parameters()):
+            if ".attn1." in name:
+                continue
             flat = param.detach().flatten()
             sample = flat[::max(1, flat.numel() // 1024)].float().cpu()
             h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())

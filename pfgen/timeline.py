@@ -75,8 +75,21 @@ def load_timeline(path: str | Path) -> list[Entry]:
     return from_rows(rows, str(path))
 
 
-def from_options(prompt: str | None, then: list[tuple[float, str]], timeline: Path | None, resume: bool
-                 ) -> list[Entry] | None:
+THEN_SEPARATOR = "\x1f"  # the CLI passes `--then SECONDS PROMPT` as one value "SECONDS<sep>PROMPT"
+
+
+def parse_then(value: str) -> tuple[float, str]:
+    seconds, sep, prompt = value.partition(THEN_SEPARATOR)
+    try:
+        at = float(seconds)
+    except ValueError:
+        raise PfgenError(f"--then {seconds}: SECONDS must be a number", 'write --then SECONDS "PROMPT"') from None
+    if not sep:
+        raise PfgenError(f"--then {seconds} has no prompt", 'write --then SECONDS "PROMPT"')
+    return at, prompt
+
+
+def from_options(prompt: str | None, then: list[str], timeline: Path | None, resume: bool) -> list[Entry] | None:
     """`--prompt` / `--then` / `--timeline` -> entries (None: no prompt given; a resumed run keeps its own).
 
     A fresh run starts with `--prompt` (or the timeline's first entry); a resumed run switches to `--prompt` at
@@ -88,7 +101,7 @@ def from_options(prompt: str | None, then: list[tuple[float, str]], timeline: Pa
         entries = [_entry(0, prompt, "--prompt")]
     if not entries and then and not resume:
         raise PfgenError("--then needs a first prompt", "give --prompt or --timeline")
-    entries = entries + [_entry(at, text, f"--then {at:g}") for at, text in then]
+    entries = entries + [_entry(at, text, f"--then {at:g}") for at, text in map(parse_then, then)]
     return check_order(entries, "--then", first_at_zero=not resume) if entries else None
 
 
