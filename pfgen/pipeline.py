@@ -178,7 +178,7 @@ class Pipeline:
             raise PfgenError(f"latents have batch {latents.shape[0]}, the prompt embeddings {batch}")
         cache = self.make_cache(policy or self.config.cache.policy, heads, batch, grid, total)
         if resume is not None and generator is None:
-            generator = torch.Generator(device=self.device)
+            generator = torch.Generator(device=resume.meta["generator"])  # gets the saved state
         noise = noise or NoiseSource((batch, self.transformer.config.in_channels, *grid), self.device,
                                      self.dtype, generator, latents)
         decoder = StreamingDecoder(self.vae) if decode else None

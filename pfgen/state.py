@@ -72,9 +72,9 @@ def save_state(path: str | Path, pipe, story, cache) -> int:
     tensors = {f"cache.{k}": t for k, t in cache_tensors.items()}
     tensors |= {f"kept.{t0}": x for t0, x in story.kept.items()}
     tensors["embeds"] = story.embeds
-    generator = story.noise.generator
-    if generator is None:
-        raise PfgenError("a run without a noise generator (given latents) cannot be saved")
+    if story.noise.latents is not None:
+        raise PfgenError("a run whose initial noise was given as latents cannot be saved")
+    generator = story.noise.generator or torch.default_generator  # no generator: noise came from torch's own
     tensors["rng"] = generator.get_state()
     decoder = None
     if story.decoder is not None:
