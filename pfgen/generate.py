@@ -100,13 +100,15 @@ def generate_video(pipe: Pipeline, prompt: str | None, output: str | Path | None
 
     kwargs = dict(num_frames=video_frames_for(latent), generator=generator, policy=policy, heads=heads,
                   height=height, width=width, story=story, resume=resume, commit_last=save_state is not None)
-    if output is not None:
-        pipe.write_mp4(None, output, on_chunk=chunk_done, **kwargs)
-    else:
-        for chunk in pipe.stream(**kwargs):
-            chunk_done(chunk)
-    if files is not None:
-        files.close()
+    try:
+        if output is not None:
+            pipe.write_mp4(None, output, on_chunk=chunk_done, **kwargs)
+        else:
+            for chunk in pipe.stream(**kwargs):
+                chunk_done(chunk)
+    finally:
+        if files is not None:
+            files.close()
     wall = time.perf_counter() - start_time
     label = story.switches[0]["prompt"] if story.switches else str(story.prompt)
     if save_latents is not None:

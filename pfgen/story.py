@@ -43,6 +43,7 @@ class Story:
         """Place the timeline on chunk boundaries (errors before any work) and encode its prompts."""
         self.start = self.position = start
         self.fps, self._encode = fps, encode
+        self.kept, self.switches, self.history, self.recached_chunks = {}, [], [], 0  # a resume restores these
         placed = resolve(self.entries, start, end, frames_per_chunk, fps)
         self._schedule = [(t0, e if e.embeds is not None else Entry(e.at, e.prompt, encode(e.prompt)))
                           for t0, e in placed]

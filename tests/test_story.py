@@ -16,13 +16,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import pfgen
+import pfgen.sinks
 from pfgen.cli import main
 from pfgen.errors import PfgenError
 from pfgen.frames import video_frames_for
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.state import RunState
 from pfgen.story import Story
-from pfgen.timeline import Entry, from_options, resolve, switch_frame, video_frame
+from pfgen.timeline import Entry, from_options, load_timeline, resolve, switch_frame, video_frame
 
 SIZE = dict(height=64, width=96)
 CLI_SIZE = ["--height", "64", "--width", "96"]
@@ -82,6 +83,13 @@ def test_resolve_refuses_late_and_colliding_entries():
         resolve([Entry(0, "a"), Entry(6, "b")], 0, 24, 3, 16)
 
 
+def test_timeline_files_yaml_and_json(tmp_path):
+    (tmp_path / "s.yaml").write_text("- at: 0\n  prompt: a cat\n- {at: 10.5, prompt: the cat jumps}\n")
+    (tmp_path / "s.json").write_text('[{"at": 0, "prompt": "a cat"}, {"at": 10.5, "prompt": "the cat jumps"}]')
+    for name in ("s.yaml", "s.json"):
+        assert load_timeline(tmp_path / name) == [Entry(0.0, "a cat"), Entry(10.5, "the cat jumps")]
+
+
 @pytest.mark.parametrize("text, message", [
     ("- {at: 1, prompt: a}\n", "the first entry must be at 0 s"),
     ("- {at: 0, prompt: a}\n- {at: 3}\n", "entry 2 must have exactly the keys 'at' and 'prompt'"),
@@ -108,6 +116,9 @@ def test_two_switches_keep_the_chunks_before_the_first_one(pipe):
     for a, b in zip(single[:3], chunks[:3]):  # same code path before the first switch: bit for bit
         assert torch.equal(a.latents, b.latents)
     assert all(not torch.equal(a.latents, b.latents) for a, b in zip(single[3:], chunks[3:]))
+    embedded = [(0, P1), (2.0, pipe.encode_prompt(P2)), (4.0, pipe.encode_prompt(P3))]  # API: embeddings
+    again = list(pipe.stream(timeline=embedded, num_frames=frames, generator=seeded(), decode=False, **SIZE))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(chunks, again))
     # each switch replays the clean pass over the chunks the cache holds: sinks 0..2 and frames 0..8, then
     # every frame so far (the tiny video is shorter than the wave history) -> 3 + 6 extra forward passes
     assert story.recached_chunks == 3 + 6
@@ -225,6 +236,34 @@ def test_branches_share_the_past_and_differ_after(saved, pipe):
         assert (branches[a] - branches[b]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("policy", ["full", "rolling"])
+def test_state_saved_every_n_chunks_resumes_exactly(policy, pipe, tmp_path, monkeypatch):
+    """--save-state-every 3 over 8 chunks saves after chunks 3, 6 and 8; the state saved mid-run continues
+    the run bit for bit (the `full` cache grows into a larger store on resume)."""
+    import pfgen.state
+    from pfgen.generate import generate_video
+
+    saves, save = [], pfgen.state.save_state
+
+    def recording(path, pipe_, story, cache):
+        size = save(path, pipe_, story, cache)
+        saves.append(story.position)
+        if len(saves) == 1:
+            (tmp_path / "first.state").write_bytes(path.read_bytes())
+        return size
+
+    monkeypatch.setattr(pfgen.state, "save_state", recording)
+    kw = dict(seed=3, policy=policy, height=64, width=96)
+    generate_video(pipe, P1, None, num_frames=video_frames_for(24), save_state=tmp_path / "s.state",
+                   save_state_every=3, save_latents=tmp_path / "one.safetensors",
+                   files=pfgen.sinks.FrameFiles(tmp_path / "frames"), **kw)
+    assert saves == [9, 18, 24]
+    state = RunState.load(tmp_path / "first.state")
+    rest = list(pipe.stream(resume=state, num_frames=video_frames_for(15), policy=policy, decode=False))
+    one = load_file(tmp_path / "one.safetensors")["latents"]
+    assert torch.equal(torch.cat([c.latents for c in rest], dim=2), one[:, :, 9:])
+
+
 def _rewrite(path, out, change):
     tensors = load_file(str(path))
     from safetensors import safe_open
@@ -306,9 +345,11 @@ def test_batch_rows_may_carry_a_timeline(tmp_path, capsys, monkeypatch, pipe):
 # -- seeing it while it runs -----------------------------------------------------------------------------------
 def test_preview_and_frames_dir_without_mp4(tmp_path, capsys, pipe):
     frames, preview = tmp_path / "frames", tmp_path / "preview.jpg"
-    code, err = run_cli(["generate", "--prompt", P1, "--seconds", "1", *CLI_SIZE, "--frames-dir", str(frames),
-                         "--preview", str(preview)], capsys)
+    code, err = run_cli(["generate", "--prompt", P1, "--then", "0.5", P2, "--seconds", "1", *CLI_SIZE,
+                         "--frames-dir", str(frames), "--preview", str(preview)], capsys)
     assert code == 0, err
+    assert f"prompt switched at 0.56 s (frame 9): {P2!r}" in err
+    assert f"prompts from 0.00 s (frame 0) {P1!r}, 0.56 s (frame 9) {P2!r}" in err
     names = sorted(p.name for p in frames.iterdir())
     assert names == [f"frame_{i:06d}.png" for i in range(21)]  # 1 s -> 6 latent frames -> 21 video frames
     last = np.asarray(Image.open(frames / names[-1])).astype(int)

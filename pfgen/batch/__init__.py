@@ -78,7 +78,8 @@ def _entry(job: Job, stats, device, ranks: Ranks) -> dict:
     return {**job.request, "latent_frames": stats.latent_frames, "video_seconds": stats.video_seconds,
             "wall_seconds": stats.wall_seconds, "first_frame_seconds": stats.first_frame_seconds,
             "generation_fps": stats.fps, "peak_memory_bytes": stats.peak_memory_bytes,
-            "memory_kind": stats.memory_kind, "switches": stats.switches, "device": str(device), "rank": ranks.rank, "world_size": ranks.world,
+            "memory_kind": stats.memory_kind, "switches": stats.switches, "device": str(device), "rank": ranks.rank,
+            "world_size": ranks.world,
             "pfgen_version": __version__, "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
 
 
