@@ -6,7 +6,7 @@ layer over this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -206,12 +206,16 @@ class Pipeline:
         if sum(given) > 1 or (sum(given) == 0 and not resuming):
             raise PfgenError("give exactly one of prompt, prompt_embeds and timeline")
         if timeline is not None:
-            return from_api(timeline)
-        if prompt is None and prompt_embeds is None:
+            entries = from_api(timeline)
+        elif prompt_embeds is not None:
+            entries = [Entry(0.0, None, prompt_embeds)]
+        elif isinstance(prompt, str):
+            entries = [Entry(0.0, prompt)]
+        elif prompt is not None:  # a list of prompts: one video each
+            entries = [Entry(0.0, None, self.encode_prompt(prompt))]
+        else:
             return None
-        return [Entry(0.0, None, prompt_embeds.to(self.device, self.dtype))] if prompt_embeds is not None else \
-            [Entry(0.0, prompt if isinstance(prompt, str) else None,
-                   None if isinstance(prompt, str) else self.encode_prompt(prompt))]
+        return [e if e.embeds is None else replace(e, embeds=e.embeds.to(self.device, self.dtype)) for e in entries]
 
     def _check_latents(self, latents, grid) -> int:
         channels = self.transformer.config.in_channels
