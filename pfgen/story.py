@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from pfgen.errors import PfgenError
 from pfgen.timeline import Entry, resolve, switch_record
 
 
@@ -50,6 +51,8 @@ class Story:
 
     def first_embeds(self) -> torch.Tensor:
         """The embeddings a fresh run starts with (its timeline's entry at 0)."""
+        if not self._schedule or self._schedule[0][0] != self.start:
+            raise PfgenError("a new video needs a prompt at 0 s", "give prompt, prompt_embeds or a timeline")
         return self._schedule[0][1].embeds
 
     def before_chunk(self, loop, t0: int, embeds: torch.Tensor | None) -> torch.Tensor:
