@@ -123,6 +123,17 @@ def generate(
                                                        "with --dry-run the plan"),
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    then: list[str] = typer.Option([], "--then", metavar="SECONDS PROMPT",
+                                   help="switch to PROMPT at the first chunk boundary at or after SECONDS (repeat)"),
+    timeline: Optional[Path] = typer.Option(None, help="YAML/JSON list of {at: seconds, prompt: text}, the first at 0"),
+    recache: bool = typer.Option(True, "--recache/--no-recache", help="at a switch, re-encode the cached history "
+                                                                      "under the new prompt"),
+    resume: Optional[Path] = typer.Option(None, help="continue a run saved with --save-state (--seconds more)"),
+    save_state: Optional[Path] = typer.Option(None, help="save the run to continue it later (--resume)"),
+    save_state_every: int = typer.Option(0, help="also save the state every N chunks"),
+    preview: Optional[Path] = typer.Option(None, help="the newest frame (.jpg/.png), replaced after every chunk"),
+    frames_dir: Optional[Path] = typer.Option(None, help="every frame as a PNG in this folder (-o then optional)"),
+    interactive: bool = typer.Option(False, help="read new prompts from stdin while generating"),
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced.
 
@@ -135,10 +146,16 @@ def generate(
     from pfgen.frames import length_in_frames
     from pfgen.generate import latents_bytes
     from pfgen.heads import HeadTypes, head_type_source
-    from pfgen.outputs import check_free_space, check_output_path, check_outputs, output_lock
+    from pfgen.outputs import check_free_space, check_output_path, output_lock
     from pfgen.pipeline import plan_for_run
+    from pfgen.storyopts import StoryOptions, check_fit, check_story_options, make_story
+    from pfgen.timeline import Entry
 
+    story = StoryOptions(then, timeline, recache, resume, save_state, save_state_every, preview, frames_dir,
+                         interactive)
     batch = check_options(prompt, prompts, output, output_dir, policies, policy, save_latents)
+    if batch and story.used():
+        raise PfgenError(f"{story.used()[0]} is for a single video", "leave it out in batch mode")
     if batch and as_json and not dry_run:
         raise PfgenError("--json is for single videos", "batch mode records every video in manifest.jsonl")
     check_seed(seed)
@@ -163,35 +180,45 @@ def generate(
     source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
     heads = source if isinstance(source, HeadTypes) else None
     plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width)
-    output = check_output_path(output or Path("pfgen.mp4"), ".mp4", overwrite=overwrite, option="--output")
     if save_latents is not None:
         save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
         check_free_space(save_latents, latents_bytes(cfg, num_frames, height, width), "--save-latents")
-    check_outputs(output=output, save_latents=save_latents)
-    with output_lock(output):  # a second run writing the same file is refused with this one's pid
-        _run_generate(cfg, DEFAULT_PROMPT if prompt is None else prompt, output, num_frames, seed, heads, height,
-                      width, save_latents, plan, console, as_json, verbose)
+    entries, state, output = check_story_options(story, prompt, output, save_latents, overwrite)
+    if entries is None and state is None:
+        entries = [Entry(0.0, DEFAULT_PROMPT)]
+    check_fit(cfg, entries, state, num_frames, height, width)
+    with output_lock(output or story.frames_dir):  # a second run writing the same file is refused with its pid
+        _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json,
+                      verbose, (story.frames_dir, story.preview), story=make_story(story, entries, console),
+                      resume=state, save_state=story.save_state, save_state_every=story.save_state_every)
 
 
-def _run_generate(cfg, prompt, output, num_frames, seed, heads, height, width, save_latents, plan, console,
-                  as_json, verbose):
+def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json, verbose,
+                  files, **story):
     from pfgen.config import with_overrides
-    from pfgen.generate import generate_video
+    from pfgen.generate import format_bytes, generate_video
     from pfgen.memory import compare_line
     from pfgen.pipeline import load_pipeline
+    from pfgen.sinks import FrameFiles
     from pfgen.ui import chunk_progress, library_output
 
     with console.status("loading model"), library_output(verbose):
         pipe = load_pipeline(with_overrides(cfg, runtime=dict(offload=plan.offload)))
     pipe.latent_grid(height or cfg.video.height, width or cfg.video.width)
-    pipe.head_types(cfg.cache.policy, heads)  # head types for another model fail before any output exists
+    types = pipe.head_types(cfg.cache.policy, heads)  # head types for another model fail before any output exists
+    if story["resume"] is not None:
+        story["resume"].check_model(pipe, types)
     if cfg.model.checkpoint is None:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
                       "(give --checkpoint and --wan-dir for real weights)", soft_wrap=True)
+    files = FrameFiles(*files) if any(f is not None for f in files) else None
     with chunk_progress(console, cfg.video.fps) as on_chunk:
-        stats = generate_video(pipe, prompt, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
-                               width=width, save_latents=save_latents, on_chunk=on_chunk)
+        stats = generate_video(pipe, None, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
+                               width=width, save_latents=save_latents, on_chunk=on_chunk, files=files, **story)
     console.print(stats.summary(), highlight=False, markup=False, soft_wrap=True)
+    if stats.state_bytes is not None:
+        console.print(f"saved state {story['save_state']}: {format_bytes(stats.state_bytes)}", highlight=False,
+                      soft_wrap=True)
     console.print(compare_line(plan, stats.peak_memory_bytes, stats.memory_kind, pipe.state.cache.nbytes()),
                   highlight=False, markup=False, soft_wrap=True)
     if as_json:
@@ -414,6 +441,21 @@ def download(
                        f"{format_gib(fetched.nbytes)})")
 
 
+def _pair_then(argv: list[str]) -> list[str]:
+    """Typer has no repeatable two-value option: `--then SECONDS PROMPT` travels as one value (see timeline)."""
+    from pfgen.timeline import THEN_SEPARATOR
+
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--then" and i + 2 < len(argv):
+            out += ["--then", THEN_SEPARATOR.join(argv[i + 1:i + 3])]
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code.
 
@@ -422,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     with _signals_as_interrupts() as received:
         try:
-            code = app(args=argv, prog_name="pfgen", standalone_mode=False)
+            code = app(args=_pair_then(sys.argv[1:] if argv is None else list(argv)), prog_name="pfgen",
+                       standalone_mode=False)
         except (typer.Abort, KeyboardInterrupt):
             code = 130
         except typer.Exit as exc:

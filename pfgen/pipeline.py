@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +23,8 @@ from pfgen.heads import HeadTypes, head_type_rows, head_type_source
 from pfgen.memory import plan_memory
 from pfgen.offload import Offload
 from pfgen.sampling import ChunkLoop, NoiseSource
+from pfgen.story import Story
+from pfgen.timeline import Entry, from_api
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
 from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
@@ -32,10 +34,12 @@ from pfgen.wan.text import PromptEncoder
 
 @dataclass
 class ChunkOutput:
-    index: int
+    index: int  # chunk of this run, from 0
     t0: int  # first latent frame of the chunk
     latents: torch.Tensor  # (B, C, F, h, w)
     frames: torch.Tensor | None  # (B, 3, frames, H, W) in [-1, 1], when decoding
+    start: int = 0  # first latent frame of this run (> 0 when resumed)
+    switch: dict | None = None  # the prompt switch made just before this chunk (pfgen.timeline.switch_record)
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Pipeline:
         self.state = make_causal(transformer)
         self._cache_key = None
         self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
+        self.policy, self.original_head_types = None, None  # of the current cache
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -137,6 +142,7 @@ class Pipeline:
         keep the original order, so what an observer sees under `rolling` is always in checkpoint order.
         """
         types = self.head_types(policy, heads)
+        self.policy, self.original_head_types = policy, types  # what a saved state records (pfgen.state)
         order = [grouped_order(row) for row in types]
         self._head_order = set_head_order(self.transformer, self._head_order, order)
         types = [[row[h] for h in layer_order] for row, layer_order in zip(types, order)]
@@ -171,43 +177,87 @@ class Pipeline:
 
     def stream(self, prompt=None, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
-               decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None
-               ) -> Iterator[ChunkOutput]:
+               decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None,
+               timeline=None, recache: bool = True, story: Story | None = None, resume=None,
+               commit_last: bool = False) -> Iterator[ChunkOutput]:
         """Yield each chunk's latents (and decoded frames) as soon as they exist.
 
         `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling);
-        `noise` replaces the noise drawn from `generator` / `latents` (e.g. to replay another run's draws)."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise PfgenError("give exactly one of prompt and prompt_embeds")
-        embeds = self.encode_prompt(prompt) if prompt is not None else prompt_embeds.to(self.device, self.dtype)
+        `noise` replaces the noise drawn from `generator` / `latents` (e.g. to replay another run's draws).
+        `timeline=[(seconds, prompt or prompt_embeds), ...]` (the first at 0) switches prompts at chunk
+        boundaries, re-caching the history under each new prompt unless `recache=False`; a `story`
+        (pfgen.story) does the same and records the switches. `resume` (a `pfgen.state.RunState`) continues a
+        saved run for `num_frames` more frames; `commit_last` also commits the last chunk, so that the run can
+        be saved and continued (`pfgen.state.save_state`)."""
+        if story is None:
+            story = Story(self._entries(prompt, prompt_embeds, timeline, resume is not None), recache=recache)
+        elif prompt is not None or prompt_embeds is not None or timeline is not None:
+            raise PfgenError("give the prompts either in the story or as prompt / prompt_embeds / timeline")
+        if resume is not None:
+            height, width = resume.size(height, width)
         height = height or self.config.video.height
         width = width or self.config.video.width
         grid = self.latent_grid(height, width)
-        total = latent_frames_for(num_frames, self.config.sampling.frames_per_chunk)
+        per_chunk = self.config.sampling.frames_per_chunk
+        start = resume.position if resume is not None else 0
+        total = start + latent_frames_for(num_frames, per_chunk)
         if latents is not None:
-            total = self._check_latents(latents, embeds.shape[0], grid)
-        cache = self.make_cache(policy or self.config.cache.policy, heads, embeds.shape[0], grid, total)
-        noise = noise or NoiseSource((embeds.shape[0], self.transformer.config.in_channels, *grid), self.device,
+            if resume is not None:
+                raise PfgenError("latents (initial noise) cannot be given when resuming")
+            total = self._check_latents(latents, grid)
+        story.begin(start, total, per_chunk, self.config.video.fps, self.encode_prompt)
+        batch = resume.batch if resume is not None else story.first_embeds().shape[0]
+        if latents is not None and latents.shape[0] != batch:
+            raise PfgenError(f"latents have batch {latents.shape[0]}, the prompt embeddings {batch}")
+        cache = self.make_cache(policy or self.config.cache.policy, heads, batch, grid, total)
+        if resume is not None and generator is None:
+            generator = torch.Generator(device=resume.meta["generator"])  # gets the saved state
+        noise = noise or NoiseSource((batch, self.transformer.config.in_channels, *grid), self.device,
                                      self.dtype, generator, latents)
         decoder = StreamingDecoder(self.vae) if decode else None
         if decoder:
             decoder.reset()
+        story.noise, story.decoder, story.size = noise, decoder, (height, width)
+        if resume is not None:
+            resume.restore(self, story, cache)
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
         cache.observer = observer
         try:
             # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
             with self.offload.use("transformer"), self.offload.use("vae"):
-                for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
+                run = loop.run(story.embeds, total, noise, on_step, start, story, commit_last)
+                for index, x0 in enumerate(run):
+                    t0 = start + index * per_chunk
+                    story.position = t0 + x0.shape[2]
                     frames = decoder.decode(x0) if decoder else None
-                    yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
+                    switch = story.switches[-1] if story.switches and story.switches[-1]["latent_frame"] == t0 \
+                        else None
+                    yield ChunkOutput(index, t0, x0, frames, start, switch)
         finally:
             cache.observer = None
 
-    def _check_latents(self, latents, batch, grid) -> int:
+    def _entries(self, prompt, prompt_embeds, timeline, resuming: bool):
+        """Exactly one of prompt, prompt_embeds and timeline (none when resuming: the saved prompt goes on)."""
+        given = [x is not None for x in (prompt, prompt_embeds, timeline)]
+        if sum(given) > 1 or (sum(given) == 0 and not resuming):
+            raise PfgenError("give exactly one of prompt, prompt_embeds and timeline")
+        if timeline is not None:
+            entries = from_api(timeline)
+        elif prompt_embeds is not None:
+            entries = [Entry(0.0, None, prompt_embeds)]
+        elif isinstance(prompt, str):
+            entries = [Entry(0.0, prompt)]
+        elif prompt is not None:  # a list of prompts: one video each
+            entries = [Entry(0.0, None, self.encode_prompt(prompt))]
+        else:
+            return None
+        return [e if e.embeds is None else replace(e, embeds=e.embeds.to(self.device, self.dtype)) for e in entries]
+
+    def _check_latents(self, latents, grid) -> int:
         channels = self.transformer.config.in_channels
-        expected = (batch, channels, None, *grid)
+        expected = (None, channels, None, *grid)
         if latents.ndim != 5 or any(e is not None and e != s for e, s in zip(expected, latents.shape)):
-            raise PfgenError(f"latents have shape {tuple(latents.shape)}, expected (B={batch}, C={channels}, "
+            raise PfgenError(f"latents have shape {tuple(latents.shape)}, expected (B, C={channels}, "
                              f"F, {grid[0]}, {grid[1]})")
         per_chunk = self.config.sampling.frames_per_chunk
         if latents.shape[2] % per_chunk:

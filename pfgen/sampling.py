@@ -107,14 +107,34 @@ class ChunkLoop:
         return x0
 
     @torch.no_grad()
-    def run(self, embeds: torch.Tensor, num_frames: int, noise: NoiseSource,
-            on_step: Callable | None = None) -> Iterator[torch.Tensor]:
-        """Yield the clean latents of each chunk, (B, C, F, h, w), as soon as they exist."""
-        cache, rope = self.state.cache, self.transformer.rope
-        per_chunk = self.cfg.frames_per_chunk
+    def replay(self, chunks, embeds: torch.Tensor) -> None:
+        """Re-cache: reset the cache, then the clean pass over committed chunks [(t0, x0), ...] in order, each
+        planned like a chunk of a fresh run (so it reads what the replayed chunks before it wrote)."""
+        cache = self.state.cache
         cache.reset()
         self.state.new_prompt()
-        for k, t0 in enumerate(range(0, num_frames, per_chunk)):
+        for t0, x0 in chunks:
+            cache.begin_chunk(t0, x0.shape[2])
+            self.transformer.rope.frame_offset = t0
+            cache.set_pass(commit=True)
+            self._forward(x0, self.context_t, embeds)
+
+    @torch.no_grad()
+    def run(self, embeds: torch.Tensor, num_frames: int, noise: NoiseSource, on_step: Callable | None = None,
+            start: int = 0, story=None, commit_last: bool = False) -> Iterator[torch.Tensor]:
+        """Yield the clean latents of each chunk, (B, C, F, h, w), as soon as they exist.
+
+        `start` > 0 continues a restored cache (resume). `story` (pfgen.story) may switch the prompt before a
+        chunk and keeps what re-cache needs after its clean pass; `commit_last` commits the last chunk too
+        (so that a saved state can be continued)."""
+        cache, rope = self.state.cache, self.transformer.rope
+        per_chunk = self.cfg.frames_per_chunk
+        if start == 0:
+            cache.reset()
+        self.state.new_prompt()
+        for k, t0 in enumerate(range(start, num_frames, per_chunk), start // per_chunk):
+            if story is not None:
+                embeds = story.before_chunk(self, t0, embeds)
             frames = min(per_chunk, num_frames - t0)
             cache.begin_chunk(t0, frames)
             rope.frame_offset = t0
@@ -122,7 +142,9 @@ class ChunkLoop:
             x = noise.initial(t0, frames)
             step = (lambda i, x0, k=k: on_step(k, i, x0)) if on_step else None
             x0 = self.denoise(x, self.first_schedule if k == 0 else self.schedule, embeds, noise, step)
-            if t0 + frames < num_frames:
+            if t0 + frames < num_frames or commit_last:
                 cache.set_pass(commit=True)
                 self._forward(x0, self.context_t, embeds)
+                if story is not None:
+                    story.committed(t0, x0, cache)
             yield x0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from pfgen.frames import video_frames_for
 from pfgen.generate import format_bytes
+from pfgen.timeline import video_frame
 from pfgen.words import count
 
 
@@ -18,16 +18,21 @@ def chunk_progress(console, fps: int):
 
     columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.completed}/{task.fields[chunks]}"),
                TextColumn("{task.fields[video]:.1f}/{task.fields[video_total]:.1f} s video"),
-               TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn())
+               TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(), TextColumn("{task.fields[prompt]}"))
     start = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("generate", total=None, chunks="?", video=0.0, video_total=0.0, fps=0.0)
+        task = progress.add_task("generate", total=None, chunks="?", video=0.0, video_total=0.0, fps=0.0, prompt="")
+        switches = [0]
 
         def on_chunk(chunk, total_chunks):
             per_chunk = chunk.latents.shape[2]
-            latent_done = chunk.t0 + per_chunk
-            frames_done = video_frames_for(latent_done)
-            frames_total = video_frames_for(total_chunks * per_chunk)
+            frames_done = video_frame(chunk.t0 + per_chunk, chunk.start)
+            frames_total = video_frame(chunk.start + total_chunks * per_chunk, chunk.start)
+            if chunk.switch is not None:
+                switches[0] += 1
+                s = chunk.switch
+                progress.update(task, prompt=f"prompt {switches[0]} since {s['seconds']:.2f} s "
+                                             f"(frame {s['video_frame']})")
             progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks,
                             video=frames_done / fps, video_total=frames_total / fps,
                             fps=frames_done / (time.perf_counter() - start))

@@ -49,6 +49,21 @@ class StreamingDecoder:
             self.started = True
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The causal feature cache as (tensors by index, JSON data): entries are tensors, None or "Rep"."""
+        feats = self.vae._feat_map
+        tensors = {str(i): f for i, f in enumerate(feats) if isinstance(f, torch.Tensor)}
+        kinds = ["tensor" if isinstance(f, torch.Tensor) else f for f in feats]
+        return tensors, {"started": self.started, "feat_map": kinds}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        kinds = meta["feat_map"]
+        if len(kinds) != len(self.vae._feat_map) or any(k not in (None, "Rep", "tensor") for k in kinds):
+            raise ValueError(f"saved VAE feature cache has {len(kinds)} entries, this VAE {len(self.vae._feat_map)}")
+        device = self.vae.post_quant_conv.weight.device
+        self.vae._feat_map = [tensors[str(i)].to(device) if k == "tensor" else k for i, k in enumerate(kinds)]
+        self.started = bool(meta["started"])
+
 
 def to_uint8_frames(video: torch.Tensor):
     """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the host.

@@ -21,7 +21,7 @@ SIZE = ["--seconds", "1", "--height", "64", "--width", "96"]
 PROMPTS = "a red kite over the sea\n\na cat on a sofa\n# not a prompt\nwaves at night\n\nsnow on a city\n"
 NAMES = ["0000-a-red-kite-over-the-sea", "0001-a-cat-on-a-sofa", "0002-waves-at-night", "0003-snow-on-a-city"]
 FIELDS = {*REQUEST_KEYS, "name", "file", "index", "bytes", "latent_frames", "video_seconds", "wall_seconds",
-          "first_frame_seconds", "generation_fps", "peak_memory_bytes", "memory_kind", "device", "rank",
+          "switches", "first_frame_seconds", "generation_fps", "peak_memory_bytes", "memory_kind", "device", "rank",
           "world_size", "pfgen_version", "finished_at"}
 TINY_HEADS = Path(__file__).resolve().parents[1] / "pfgen" / "configs" / "heads" / "tiny.json"
 

@@ -63,10 +63,21 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
         for n, job in enumerate(jobs, 1):
             stats = generate_video(pipe, job.item.prompt, req.output_dir / job.file, num_frames=job.item.num_frames,
                                    seed=job.item.seed, policy=job.policy, heads=job.heads, height=req.height,
-                                   width=req.width, on_chunk=on_chunk(f"{prefix}{n}/{len(jobs)} {job.file}"))
+                                   width=req.width, on_chunk=on_chunk(f"{prefix}{n}/{len(jobs)} {job.file}"),
+                                   story=_story(job.item))
             append_entry(part, _entry(job, stats, pipe.device, ranks))
             console.print(f"{prefix}[{n}/{len(jobs)}] {stats.summary()}", highlight=False, markup=False,
                           soft_wrap=True)
+
+
+def _story(item):
+    """A JSONL row's timeline as a story (None: a plain prompt)."""
+    if not item.timeline:
+        return None
+    from pfgen.story import Story
+    from pfgen.timeline import Entry
+
+    return Story([Entry(at, prompt) for at, prompt in item.timeline])
 
 
 def _entry(job: Job, stats, device, ranks: Ranks) -> dict:
@@ -74,7 +85,8 @@ def _entry(job: Job, stats, device, ranks: Ranks) -> dict:
     return {**job.request, "bytes": os.path.getsize(stats.path), "latent_frames": stats.latent_frames, "video_seconds": stats.video_seconds,
             "wall_seconds": stats.wall_seconds, "first_frame_seconds": stats.first_frame_seconds,
             "generation_fps": stats.fps, "peak_memory_bytes": stats.peak_memory_bytes,
-            "memory_kind": stats.memory_kind, "device": str(device), "rank": ranks.rank, "world_size": ranks.world,
+            "memory_kind": stats.memory_kind, "switches": stats.switches, "device": str(device), "rank": ranks.rank,
+            "world_size": ranks.world,
             "pfgen_version": __version__, "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from pfgen.config import Config, to_dict, with_overrides
 from pfgen.errors import PfgenError
 
-JSONL_KEYS = ("prompt", "seed", "seconds", "name")
+JSONL_KEYS = ("prompt", "seed", "seconds", "name", "timeline")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -22,6 +22,7 @@ class BatchItem:
     seed: int
     num_frames: int
     name: str
+    timeline: tuple[tuple[float, str], ...] = ()  # (seconds, prompt) from a JSONL "timeline", the first at 0
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ def read_prompts(path: Path, base_seed: int, num_frames: int, fps: int) -> list[
             raise PfgenError(f"{where}: name '{name}' is already used on line {names[name.lower()]}",
                              "names must be unique (they are the file names)")
         names[name.lower()] = number
-        items.append(BatchItem(index, fields["prompt"], fields.get("seed", base_seed + index), frames, name))
+        items.append(BatchItem(index, fields["prompt"], fields.get("seed", base_seed + index), frames, name,
+                               fields.get("timeline", ())))
     if not items:
         raise PfgenError(f"prompts file {path} holds no prompts", "write one prompt per line")
     return items
@@ -123,7 +125,15 @@ def _jsonl_fields(text: str, where: str) -> dict:
     unknown = sorted(set(fields) - set(JSONL_KEYS))
     if unknown:
         raise PfgenError(f"{where}: unknown key '{unknown[0]}'", f"known keys: {', '.join(JSONL_KEYS)}")
-    prompt, seed, seconds, name = (fields.get(k) for k in JSONL_KEYS)
+    prompt, seed, seconds, name, timeline = (fields.get(k) for k in JSONL_KEYS)
+    if prompt is not None and timeline is not None:
+        raise PfgenError(f"{where}: give \"prompt\" or \"timeline\", not both")
+    if timeline is not None:
+        from pfgen.timeline import from_rows
+
+        entries = from_rows(timeline, f"{where}: timeline")
+        fields["timeline"] = tuple((e.at, e.prompt) for e in entries)
+        prompt = entries[0].prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise PfgenError(f"{where}: \"prompt\" must be a non-empty string")
     if seed is not None and (type(seed) is not int or not 0 <= seed < 2 ** 63):
@@ -162,8 +172,25 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
         for item in items:
             file = f"{policy}/{item.name}.mp4" if req.policies else f"{item.name}.mp4"
             frames = video_frames_for(latent_frames_for(item.num_frames, cfg.sampling.frames_per_chunk))
+            if item.timeline:
+                _check_timeline(item, cfg)
             request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
+                           timeline=[list(e) for e in item.timeline] or None,
                            policy=policy, frames=frames, height=req.height or cfg.video.height,
                            width=req.width or cfg.video.width, heads_sha256=sha, config=config)
             jobs.append(Job(item, policy, file, request, source if isinstance(source, HeadTypes) else None))
     return jobs
+
+
+def _check_timeline(item: BatchItem, cfg: Config) -> None:
+    """Every switch of a JSONL timeline falls inside its video."""
+    from pfgen.frames import latent_frames_for
+    from pfgen.timeline import Entry, resolve
+
+    per_chunk = cfg.sampling.frames_per_chunk
+    try:
+        resolve([Entry(at, p) for at, p in item.timeline], 0, latent_frames_for(item.num_frames, per_chunk),
+                per_chunk, cfg.video.fps)
+    except PfgenError as exc:
+        raise PfgenError(f"{item.name}: {exc.message}", exc.hint) from None
+

@@ -108,6 +108,28 @@ class KVCache:
             out[:, :, heads] = o
         return out
 
+    def held_frames(self) -> set[int]:
+        """Committed frames behind any stored item of any head type (what re-cache re-encodes)."""
+        return set().union(*(rule.held_frames() for rule in self.rules.values()))
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors by "layer.kind.name", each rule's bookkeeping as JSON data): all a later run needs."""
+        tensors = {f"{layer}.{kind}.{name}": t for layer, stores in enumerate(self.stores)
+                   for kind, store in stores.items() for name, t in store.state_tensors().items()}
+        return tensors, {kind: rule.state_dict() for kind, rule in self.rules.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], rules: dict) -> None:
+        """Restore what `state_dict` gave (raises KeyError / ValueError when it does not fit this cache)."""
+        if set(rules) != set(self.rules):
+            raise ValueError(f"saved head types {sorted(rules)}, this cache has {sorted(self.rules)}")
+        for kind, rule in self.rules.items():
+            rule.load_state_dict(rules[kind])
+        for layer, stores in enumerate(self.stores):
+            for kind, store in stores.items():
+                prefix = f"{layer}.{kind}."
+                store.load_state_tensors({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
+        self.plan = None
+
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, all types)."""
         return sum(store.nbytes() for layer in self.stores for store in layer.values())

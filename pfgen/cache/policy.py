@@ -109,6 +109,17 @@ class Rule:
         """Advance history with the chunk's committed frames; return the store operations."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """The bookkeeping as plain JSON data (saved states, `pfgen.state`)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def held_frames(self) -> set[int]:
+        """Committed frames behind any stored item (re-cache re-encodes exactly these)."""
+        raise NotImplementedError
+
 
 class FullRule(Rule):
     """Every head sees all history at its own position (memory grows: the equivalence oracle)."""
@@ -136,6 +147,15 @@ class FullRule(Rule):
 
     def commit(self, t0, frames):
         return []
+
+    def state_dict(self):
+        return {"end": self.end}
+
+    def load_state_dict(self, state):
+        self.end = int(state["end"])
+
+    def held_frames(self):
+        return set(range(self.end))
 
 
 class RollingRule(Rule):
@@ -173,6 +193,15 @@ class RollingRule(Rule):
 
     def commit(self, t0, frames):
         return []
+
+    def state_dict(self):
+        return {"slots": [[s, t] for s, t in sorted(self.slots.items())]}
+
+    def load_state_dict(self, state):
+        self.slots = {int(s): int(t) for s, t in state["slots"]}
+
+    def held_frames(self):
+        return set(self.slots.values())
 
 
 @dataclass
@@ -289,6 +318,31 @@ class PyramidRule(Rule):
                 ops.append(Shift("abs", 0, self.merged.first, self.merged.first + self.capacity))
             ops.append(Finalize(m, slot))
         return ops
+
+    def state_dict(self):
+        return {"ring": [[s, t] for s, t in sorted(self.ring.items())], "sunk": list(self.sunk),
+                "fifos": [list(f.items) for f in self.fifos], "merged": list(self.merged.items)}
+
+    def load_state_dict(self, state):
+        self.ring = {int(s): int(t) for s, t in state["ring"]}
+        self.sunk = [int(t) for t in state["sunk"]]
+        if len(state["fifos"]) != len(self.fifos):
+            raise ValueError(f"saved {self.name} rule has {len(state['fifos'])} partitions, expected {len(self.fifos)}")
+        for fifo, items in zip(self.fifos, state["fifos"]):
+            fifo.items = [int(t) for t in items]
+        self.merged.items = [int(m) for m in state["merged"]]
+
+    def held_frames(self):
+        """Recent ring, sinks, strided / cyclic FIFOs, every frame of the merged blocks, and the frames
+        already summed into the accumulator of the unfinished block."""
+        held = set(self.ring.values()) | set(self.sunk) | {t for f in self.fifos for t in f.items}
+        held |= {t for m in self.merged.items for t in self._block_frames(m)}
+        if self.middle == "merge" and self.ring:
+            last = max(self.ring.values())
+            m = last // self.block
+            if m * self.block >= self.sink and last != (m + 1) * self.block - 1:
+                held |= set(range(m * self.block, last + 1))
+        return held
 
 
 def make_rule(kind: str, cache_cfg, frames_per_chunk: int, max_frames: int) -> Rule:

@@ -66,6 +66,23 @@ class RuleStore:
         tensors = (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored K/V and accumulators by name (saved states)."""
+        names = ("k_abs", "v_abs", "k_hist", "v_hist", "acc_k", "acc_v")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors in; a saved region may be shorter along the token axis (the `full` policy's
+        history, saved for fewer frames than this video holds), then it fills the first tokens."""
+        for name, mine in self.state_tensors().items():
+            saved = tensors[name]
+            axis = 2 if name.endswith("hist") else 1
+            if saved.dim() != mine.dim() or saved.shape[axis] > mine.shape[axis] or any(
+                    a != b for i, (a, b) in enumerate(zip(saved.shape, mine.shape)) if i != axis):
+                raise ValueError(f"saved {name} has shape {tuple(saved.shape)}, this cache {tuple(mine.shape)}")
+            mine.zero_()
+            mine.narrow(axis, 0, saved.shape[axis]).copy_(saved)
+
     def reset(self) -> None:
         for t in (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v):
             if t is not None:

@@ -1,0 +1,187 @@
+"""Saved runs: everything needed to continue a video exactly, in one safetensors file (never pickle).
+
+Tensors: the KV cache (`cache.<layer>.<type>.<name>`), the latents of the chunks the cache still holds
+(`kept.<t0>`, for re-cache after a resume), the current prompt embeddings, the noise generator's state and
+the streaming VAE decoder's causal feature cache (`vae.<i>`). JSON metadata (key "pfgen"): position, each
+rule's bookkeeping, the switches so far, and fingerprints of the model, config, policy and head types that a
+resumed run must match, plus a CRC32 per tensor so that a corrupt file is refused. Written atomically.
+
+The cache dominates the size: `pfgen generate --save-state` prints it; at the 1.3B shape the rolling-21
+cache alone is about 5.6 GiB in bfloat16 (README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pfgen import __version__
+from pfgen.config import to_dict
+from pfgen.errors import PfgenError
+from pfgen.outputs import atomic_output
+
+FORMAT = "pfgen.state/1"
+
+
+def _sha(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_fingerprint(cfg, dtype, device) -> str:
+    """What changes the numbers of a continued run: sampling, cache budgets, fps, dtype and device type.
+    The policy, head types and model have their own fingerprints (for a precise refusal)."""
+    cache = {k: v for k, v in to_dict(cfg.cache).items() if k not in ("policy", "heads", "all", "backend")}
+    return _sha({"sampling": to_dict(cfg.sampling), "cache": cache, "fps": cfg.video.fps, "dtype": str(dtype),
+                 "device": torch.device(device).type})
+
+
+def heads_fingerprint(types: list[list[str]]) -> str:
+    return _sha(types)
+
+
+def model_fingerprint(pipe) -> str:
+    """Transformer and VAE: architecture plus up to 1024 evenly spaced values of every parameter (cheap, and
+    any other checkpoint differs). Self-attention weights are left out: their heads are reordered per policy
+    (`wan.head_order`), and every other weight already tells checkpoints apart."""
+    h = hashlib.sha256()
+    for module in (pipe.transformer, pipe.vae):
+        arch = {k: v for k, v in module.config.items() if not k.startswith("_")}  # "_..." vary between runs
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+        for name, param in sorted(module.named_parameters()):
+            if ".attn1." in name:
+                continue
+            flat = param.detach().flatten()
+            sample = flat[::max(1, flat.numel() // 1024)].float().cpu()
+            h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
+
+
+def save_state(path: str | Path, pipe, story, cache) -> int:
+    """Write the run after its last committed chunk to `path` (atomically); returns the file size in bytes."""
+    cache_tensors, rules = cache.state_dict()
+    tensors = {f"cache.{k}": t for k, t in cache_tensors.items()}
+    tensors |= {f"kept.{t0}": x for t0, x in story.kept.items()}
+    tensors["embeds"] = story.embeds
+    if story.noise.latents is not None:
+        raise PfgenError("a run whose initial noise was given as latents cannot be saved")
+    generator = story.noise.generator or torch.default_generator  # no generator: noise came from torch's own
+    tensors["rng"] = generator.get_state()
+    decoder = None
+    if story.decoder is not None:
+        vae_tensors, decoder = story.decoder.state_dict()
+        tensors |= {f"vae.{i}": t for i, t in vae_tensors.items()}
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    meta = {
+        "format": FORMAT, "pfgen_version": __version__, "position": story.position,
+        "model": {"name": pipe.config.model.name, "fingerprint": model_fingerprint(pipe)},
+        "config": config_fingerprint(pipe.config, pipe.dtype, pipe.device),
+        "policy": pipe.policy, "heads": heads_fingerprint(pipe.original_head_types),
+        "size": list(story.size), "batch": int(story.embeds.shape[0]),
+        "rules": rules, "decoder": decoder, "generator": generator.device.type,
+        "prompt": story.prompt, "timeline": story.history + story.switches,
+        "crc32": {k: _crc(t) for k, t in tensors.items()},
+    }
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"pfgen": json.dumps(meta)})
+    return Path(path).stat().st_size
+
+
+@dataclass
+class RunState:
+    """A saved run, read and integrity-checked; `check_*` refuse what it cannot continue, `restore` loads it."""
+
+    path: Path
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunState":
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise PfgenError(f"state file not found: {path}")
+        bad = PfgenError(f"{path} is corrupt or truncated", "save the state again")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["pfgen"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except KeyError:
+            raise PfgenError(f"{path} is not a pfgen state file") from None
+        except Exception:  # safetensors' own error types differ between versions
+            raise bad from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise PfgenError(f"{path} is not a pfgen state file", f"expected format {FORMAT}")
+        crcs = meta.get("crc32", {})
+        if set(crcs) != set(tensors) or any(_crc(t) != crcs[k] for k, t in tensors.items()):
+            raise bad
+        return cls(path, meta, tensors)
+
+    @property
+    def position(self) -> int:
+        return int(self.meta["position"])
+
+    @property
+    def batch(self) -> int:
+        return int(self.meta["batch"])
+
+    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The saved video size; another one given explicitly is refused."""
+        saved = tuple(self.meta["size"])
+        if (height or saved[0], width or saved[1]) != saved:
+            raise PfgenError(f"{self.path} continues a {saved[1]}x{saved[0]} video, not {width or saved[1]}x"
+                             f"{height or saved[0]}", "leave out --height/--width when resuming")
+        return saved
+
+    def check_config(self, cfg, policy: str, dtype, device) -> None:
+        """Refusals that need no model: another config (sampling, cache budgets, dtype, device) or policy."""
+        if self.meta["policy"] != policy:
+            raise PfgenError(f"{self.path} was saved with the {self.meta['policy']} policy, this run uses {policy}",
+                             f"pass --policy {self.meta['policy']}")
+        if self.meta["config"] != config_fingerprint(cfg, dtype, device):
+            raise PfgenError(f"{self.path} was saved with another config (sampling, cache budgets, fps, dtype or "
+                             "device)", "resume with the config, --dtype and --device of the saved run")
+
+    def check_model(self, pipe, types: list[list[str]]) -> None:
+        """Refusals that need the model: other head types, other weights."""
+        if self.meta["heads"] != heads_fingerprint(types):
+            raise PfgenError(f"{self.path} was saved with other head types", "pass the --heads file of the saved run")
+        if self.meta["model"]["fingerprint"] != model_fingerprint(pipe):
+            raise PfgenError(f"{self.path} was saved with another model ({self.meta['model']['name']})",
+                             "resume with the --checkpoint / --config of the saved run")
+
+    def restore(self, pipe, story, cache) -> None:
+        """Load the cache, kept latents, prompt, generator and decoder into a fresh run."""
+        self.check_config(pipe.config, pipe.policy, pipe.dtype, pipe.device)
+        self.check_model(pipe, pipe.original_head_types)
+        device = pipe.device
+        part = {k[len("cache."):]: t.to(device) for k, t in self.tensors.items() if k.startswith("cache.")}
+        try:
+            cache.load_state_dict(part, self.meta["rules"])
+            if story.decoder is not None:
+                if self.meta["decoder"] is None:
+                    raise ValueError("the state has no decoder cache (saved without decoding)")
+                vae = {k[len("vae."):]: t for k, t in self.tensors.items() if k.startswith("vae.")}
+                story.decoder.load_state_dict(vae, self.meta["decoder"])
+        except (KeyError, ValueError) as exc:
+            raise PfgenError(f"{self.path} does not fit this run: {exc}") from None
+        story.kept = {int(k[len("kept."):]): t.to(device) for k, t in self.tensors.items() if k.startswith("kept.")}
+        story.embeds = self.tensors["embeds"].to(device)
+        story.prompt = self.meta["prompt"]
+        story.history = list(self.meta["timeline"])
+        if story.noise.generator.device.type != self.meta["generator"]:
+            raise PfgenError(f"{self.path} holds a {self.meta['generator']} noise generator, this run uses "
+                             f"{story.noise.generator.device.type}", "resume on the same kind of device")
+        story.noise.generator.set_state(self.tensors["rng"])
