@@ -59,3 +59,8 @@ def length_in_frames(seconds: float | None, frames: int | None, fps: int, force:
         raise PfgenError(f"{option} asks for {num_frames / fps / 3600:.3g} hours of video",
                          f"lengths over {MAX_SECONDS // 60} minutes need --force")
     return num_frames
+
+
+def chunk_video_frames(latent_done: int) -> int:
+    """Video frames that exist once `latent_done` latent frames are decoded (0 before the first)."""
+    return video_frames_for(latent_done) if latent_done > 0 else 0
