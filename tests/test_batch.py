@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pfgen.batch import MANIFEST, REQUEST_KEYS
-from pfgen.cli import main
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
+from clirun import run_cli
 
 SIZE = ["--seconds", "1", "--height", "64", "--width", "96"]
 PROMPTS = "a red kite over the sea\n\na cat on a sofa\n# not a prompt\nwaves at night\n\nsnow on a city\n"
@@ -26,11 +26,6 @@ FIELDS = {*REQUEST_KEYS, "name", "file", "index", "bytes", "latent_frames", "vid
 TINY_HEADS = Path(__file__).resolve().parents[1] / "pfgen" / "configs" / "heads" / "tiny.json"
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.err
 
 
 def command(prompts, out, *extra, ranks=None):
@@ -113,7 +108,7 @@ def test_killed_batch_resumes_on_two_ranks_without_redoing_videos(tmp_path, caps
     assert {e["file"] for e in entries if e["world_size"] == 1} == finished
     assert no_leftovers(out)
     # a third run finds everything done and loads no model
-    code, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(out), *SIZE], capsys)
+    code, _, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(out), *SIZE], capsys)
     assert code == 0 and "4 already complete, 0 to generate" in err
     assert stamps(out) == after and manifest(out) == entries
 
@@ -136,7 +131,7 @@ def test_policies_into_sub_folders_from_jsonl(tmp_path, capsys, monkeypatch, one
     prompts.write_text('{"prompt": "a red kite", "name": "kite", "seed": 7, "seconds": 0.5}\n\n'
                        '{"prompt": "a cat"}\n')
     args = ["generate", "--prompts", str(prompts), "--output-dir", str(out), *SIZE, "--policies", "rolling,pyramid"]
-    code, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     files = ["pyramid/0001-a-cat.mp4", "pyramid/kite.mp4", "rolling/0001-a-cat.mp4", "rolling/kite.mp4"]
     assert sorted(stamps(out)) == files
@@ -150,14 +145,14 @@ def test_policies_into_sub_folders_from_jsonl(tmp_path, capsys, monkeypatch, one
         assert kite["heads_sha256"] == (sha if policy == "pyramid" else None)
     before = stamps(out)
     (out / "rolling" / "kite.mp4").unlink()
-    code, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 0 and "3 already complete, 1 to generate" in err
     after = stamps(out)
     assert sorted(after) == files and {f: after[f] for f in files if f != "rolling/kite.mp4"} == \
         {f: before[f] for f in files if f != "rolling/kite.mp4"}
     assert len(manifest(out)) == 4 and no_leftovers(out)
     # another seed would silently mix two experiments in one folder: refused, nothing touched
-    code, err = run_cli([*args, "--seed", "5"], capsys)
+    code, _, err = run_cli([*args, "--seed", "5"], capsys)
     assert code == 1 and "0001-a-cat.mp4 exists but was made with other settings: seed" in err
     assert stamps(out) == after
 
@@ -232,7 +227,7 @@ def test_prompts_file_kind_comes_from_the_extension_and_a_bom_is_dropped(tmp_pat
 def test_malformed_prompts_file(name, text, message, tmp_path, capsys):
     prompts = tmp_path / name
     prompts.write_text(text)
-    code, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 1 and message in err and str(prompts) in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
@@ -255,6 +250,6 @@ def test_malformed_prompts_file(name, text, message, tmp_path, capsys):
 def test_batch_option_errors(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("P").write_text("a kite\n")
-    code, err = run_cli(["generate", *args], capsys)
+    code, _, err = run_cli(["generate", *args], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P"]

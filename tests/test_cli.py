@@ -7,15 +7,10 @@ import sys
 import imageio_ffmpeg
 import numpy as np
 import pytest
+from clirun import run_cli
 
-from pfgen.cli import main
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def read_mp4(path):

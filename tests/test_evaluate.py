@@ -13,10 +13,10 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")  # the evaluate extra, installed by the test extra
 
-from pfgen.cli import main  # noqa: E402
 from pfgen.evaluate.metrics import METRICS, flagged, summarize  # noqa: E402
 from pfgen.evaluate.run import EvaluateRequest, evaluate  # noqa: E402
 from pfgen.evaluate.videos import select_videos  # noqa: E402
+from clirun import run_cli
 
 FPS, W, H = 16, 96, 64
 SECONDS = 20  # four 5 s windows
@@ -77,11 +77,6 @@ def flags(video, metric):
     return [flagged(metric, w[metric], windows[0][metric]) for w in windows]
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", *map(str, args)])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_stable_video_flags_nothing(results):
@@ -184,7 +179,7 @@ def test_the_baseline_is_the_reference_policy(planted, tmp_path, policies, basel
 
 def test_cli_json_on_a_batch_folder(planted, tmp_path, capsys):
     out = batch_folder(tmp_path / "out", planted)
-    code, stdout, err = run_cli([out, "--json"], capsys)
+    code, stdout, err = run_cli(["evaluate", out, "--json"], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert set(result) == {"window_s", "metrics", "videos", "comparisons", "warnings"}
@@ -205,7 +200,7 @@ def test_cli_json_on_a_batch_folder(planted, tmp_path, capsys):
 
 
 def test_cli_tables_on_stdout(planted, capsys):
-    code, stdout, err = run_cli([planted["stable"], planted["freeze"]], capsys)
+    code, stdout, err = run_cli(["evaluate", planted["stable"], planted["freeze"]], capsys)
     assert code == 0, err
     assert "stable.mp4" in stdout and "freeze.mp4 minus" in stdout.replace("\n", " ")
     freeze_table = stdout.split("freeze.mp4: 20.0 s")[1].split("minus")[0]
@@ -215,7 +210,7 @@ def test_cli_tables_on_stdout(planted, capsys):
 
 def test_different_lengths_compare_the_common_span(planted, tmp_path, capsys):
     short = write_mp4(tmp_path / "short.mp4", frames("stable", seconds=12))
-    code, stdout, err = run_cli([planted["stable"], short, "--json"], capsys)
+    code, stdout, err = run_cli(["evaluate", planted["stable"], short, "--json"], capsys)
     assert code == 0
     (comparison,) = json.loads(stdout)["comparisons"]
     assert comparison["common_s"] == 10 and len(comparison["windows"]) == 2  # 10-12 s is less than half a window
@@ -225,7 +220,7 @@ def test_different_lengths_compare_the_common_span(planted, tmp_path, capsys):
 def test_plot_writes_a_png(planted, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "drift.png"
-    code, stdout, err = run_cli([planted["stable"], planted["blur"], "--plot", png, "--json"], capsys)
+    code, stdout, err = run_cli(["evaluate", planted["stable"], planted["blur"], "--plot", png, "--json"], capsys)
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -254,7 +249,7 @@ def truncated(path, tmp_path, faststart):
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no videos in"),
 ])
 def test_bad_input_is_one_line(make, message, tmp_path, capsys):
-    code, stdout, err = run_cli([make(tmp_path)], capsys)
+    code, stdout, err = run_cli(["evaluate", make(tmp_path)], capsys)
     assert code == 1 and stdout == ""
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -266,16 +261,16 @@ def test_bad_input_is_one_line(make, message, tmp_path, capsys):
     (["--prompt", "a kite"], "--prompt and --clip-model are for --deep"),
 ])
 def test_bad_options_are_one_line(args, message, planted, tmp_path, capsys):
-    code, _, err = run_cli([planted["stable"], *args], capsys)
+    code, _, err = run_cli(["evaluate", planted["stable"], *args], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
 
 
 def test_missing_extras_say_what_to_install(planted, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # None in sys.modules: the import fails
-    code, _, err = run_cli([planted["stable"], "--plot", "x.png"], capsys)
+    code, _, err = run_cli(["evaluate", planted["stable"], "--plot", "x.png"], capsys)
     assert code == 1 and err == "error: --plot needs matplotlib (pip install 'pfgen[plot]')\n"
     monkeypatch.setitem(sys.modules, "cv2", None)
-    code, _, err = run_cli([planted["stable"]], capsys)
+    code, _, err = run_cli(["evaluate", planted["stable"]], capsys)
     assert code == 1 and err == "error: pfgen evaluate needs OpenCV (pip install 'pfgen[evaluate]')\n"
 
 
@@ -315,7 +310,7 @@ def tiny_clip(tmp_path_factory):
 
 def test_deep_scores_with_a_local_clip(planted, tiny_clip, tmp_path, capsys):
     commented = write_mp4(tmp_path / "commented.mp4", frames("loop"), "-metadata", "comment=a red kite")
-    code, stdout, err = run_cli([planted["loop"], commented, "--deep", "--clip-model", tiny_clip, "--json"], capsys)
+    code, stdout, err = run_cli(["evaluate", planted["loop"], commented, "--deep", "--clip-model", tiny_clip, "--json"], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert result["metrics"] == [*METRICS, "clip_text", "subject_consistency"]
@@ -351,7 +346,7 @@ def test_deep_prompt_comes_from_the_manifest(planted, tiny_clip, tmp_path, capsy
     out = batch_folder(tmp_path / "out", planted)
     for name in ("only-rolling", "only-pyramid"):
         next(out.glob(f"*/{name}.mp4")).unlink()
-    code, stdout, err = run_cli([out, "--deep", "--clip-model", tiny_clip, "--json"], capsys)
+    code, stdout, err = run_cli(["evaluate", out, "--deep", "--clip-model", tiny_clip, "--json"], capsys)
     assert code == 0 and err == ""
     videos = {v["label"]: v for v in json.loads(stdout)["videos"]}
     for label in ("rolling/kite", "pyramid/kite"):
@@ -360,6 +355,6 @@ def test_deep_prompt_comes_from_the_manifest(planted, tiny_clip, tmp_path, capsy
 
 
 def test_deep_without_weights_says_what_to_run(planted, capsys):
-    code, _, err = run_cli([planted["stable"], "--deep", "--clip-model", "pfgen-test/not-a-cached-clip"], capsys)
+    code, _, err = run_cli(["evaluate", planted["stable"], "--deep", "--clip-model", "pfgen-test/not-a-cached-clip"], capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "no CLIP weights for pfgen-test/not-a-cached-clip" in err and "hf download" in err

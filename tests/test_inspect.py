@@ -9,7 +9,6 @@ from PIL import Image
 
 import pfgen.inspect as inspect_mod
 from pfgen.cache.policy import make_rule
-from pfgen.cli import main
 from pfgen.config import CacheConfig
 from pfgen.errors import PfgenError
 from pfgen.inspect import MAX_FULL_FRAME, PLOT_SPAN, plan_at
@@ -17,6 +16,7 @@ from pfgen.plots import SEGMENT_COLORS, UNKNOWN_COLOR
 from spec import key_items
 from writes import failing_writes
 from test_cache import KINDS, policy_items, spec_params
+from clirun import run_cli
 
 
 def odd_config() -> CacheConfig:
@@ -87,11 +87,6 @@ def test_full_policy_is_capped():
         plan_at("full", CacheConfig(), MAX_FULL_FRAME + 1, 3)
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def test_report_on_stdout_with_the_configs_size(capsys):

@@ -13,6 +13,7 @@ from pfgen.cli import main
 from pfgen.heads import HeadTypes
 from pfgen.profile.capture import LogitRecorder
 from writes import failing_writes
+from clirun import run_cli
 
 
 class NaiveScores:
@@ -63,11 +64,6 @@ def test_capture_equals_naive_scores():
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=1e-5, rtol=1e-5)
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return info.value.code, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,7 @@ def test_profile_heads_end_to_end(profiled, capsys, tmp_path):
     assert (work / "heads.png").read_bytes()[:4] == b"\x89PNG"
     names = sorted(p.name for p in (work / "heads.parts").iterdir())
     assert [re.fullmatch(r"prompt-000[01]-[0-9a-f]{16}\.safetensors", n) is not None for n in names] == [True] * 2
-    code, err = run_cli(["generate", "--policy", "pyramid", "--heads", str(work / "heads.json"), "--seconds", "1",
+    code, _, err = run_cli(["generate", "--policy", "pyramid", "--heads", str(work / "heads.json"), "--seconds", "1",
                          "--height", "32", "--width", "48", "-o", str(tmp_path / "v.mp4")], capsys)
     assert code == 0, err
     assert (tmp_path / "v.mp4").stat().st_size > 0
@@ -103,7 +99,7 @@ def test_profile_heads_end_to_end(profiled, capsys, tmp_path):
 
 def test_from_stats_reproduces_exactly(profiled, capsys):
     work, _ = profiled
-    code, err = run_cli(["profile-heads", "--from-stats", str(work / "stats.safetensors"),
+    code, _, err = run_cli(["profile-heads", "--from-stats", str(work / "stats.safetensors"),
                          "-o", str(work / "again.json")], capsys)
     assert code == 0, err
     assert json.loads((work / "again.json").read_text()) == json.loads((work / "heads.json").read_text())
@@ -117,14 +113,14 @@ def test_rerun_resumes_from_saved_prompts(profiled, capsys, monkeypatch):
         raise AssertionError("a finished prompt was profiled again")
 
     monkeypatch.setattr(calibrate, "_profile_one", fail)
-    code, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
 
 
 def test_threshold_override_moves_boundary(profiled, capsys):
     """veil_max_middle above every head's middle ratio (and no waves) makes every head veil."""
     work, _ = profiled
-    code, _ = run_cli(["profile-heads", "--from-stats", str(work / "stats.safetensors"), "-o",
+    code, _, _ = run_cli(["profile-heads", "--from-stats", str(work / "stats.safetensors"), "-o",
                        str(work / "veil.json"), "-t", "veil_max_middle=1e9", "-t", "anchor_min_middle=1e9",
                        "-t", "min_periodic_energy=1"], capsys)
     assert code == 0
@@ -180,7 +176,7 @@ def test_profile_heads_bad_input(case, message, profiled, tmp_path, capsys):
         "stats_out_from_stats": ["--from-stats", str(work / "stats.safetensors"), "--stats-out",
                                  str(tmp_path / "s.safetensors")],
     }[case]
-    code, err = run_cli(["profile-heads", *args, *out], capsys)
+    code, _, err = run_cli(["profile-heads", *args, *out], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "h.json").exists()
 
@@ -209,14 +205,14 @@ def test_parts_are_keyed_on_every_capture_setting(profiled, tmp_path, capsys, mo
             *base[base.index("-o") + 2:]]
     for stale, (change, value) in enumerate((("--seed", "5"), ("--height", "64"), ("--seconds", "3")), 1):
         calls.clear()
-        code, err = run_cli([*base, change, value], capsys)
+        code, _, err = run_cli([*base, change, value], capsys)
         assert code == 0, err
         assert len(calls) == 2, change  # both prompts profiled again
         assert f"ignoring {2 * stale} saved parts" in " ".join(err.split()) and "other settings" in err
         capture = json.loads((tmp_path / "h.json").read_text())["calibration"]["capture"]
         assert str(capture[change.lstrip("-")]) in (value, f"{float(value)}")
     calls.clear()
-    code, err = run_cli(base, capsys)  # the original settings: their parts are still there and reused
+    code, _, err = run_cli(base, capsys)  # the original settings: their parts are still there and reused
     assert code == 0 and calls == [] and "ignoring 6 saved parts" in " ".join(err.split())
     assert set(saved) <= {p.name for p in parts.iterdir()}
 
@@ -228,7 +224,7 @@ def test_parts_are_removed_after_success(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls))
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\n")
-    code, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
+    code, _, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
                          "--width", "48", "-o", str(tmp_path / "h.json")], capsys)
     assert code == 0, err
     assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "p.txt"]
@@ -240,9 +236,9 @@ def test_compare_is_checked_before_anything_is_written(profiled, tmp_path, capsy
     shutil.copy(work / "heads.json", reference)
     before = reference.read_bytes()
     stats = ["--from-stats", str(work / "stats.safetensors")]
-    code, err = run_cli(["profile-heads", *stats, "-o", str(reference), "--compare", str(reference)], capsys)
+    code, _, err = run_cli(["profile-heads", *stats, "-o", str(reference), "--compare", str(reference)], capsys)
     assert code == 1 and "--output and --compare are the same file" in err and err.count("\n") == 1
-    code, err = run_cli(["profile-heads", *stats, "-o", str(tmp_path / "." / "ref.json"), "--compare",
+    code, _, err = run_cli(["profile-heads", *stats, "-o", str(tmp_path / "." / "ref.json"), "--compare",
                          str(reference)], capsys)
     assert code == 1 and "same file" in err
     assert reference.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ref.json"]
@@ -252,7 +248,7 @@ def test_compare_is_checked_before_anything_is_written(profiled, tmp_path, capsy
     monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls := []))
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\n")
-    code, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
+    code, _, err = run_cli(["profile-heads", "--prompts", str(prompts), "--seconds", "2", "--height", "32",
                          "--width", "48", "-o", str(tmp_path / "h.json"), "--compare",
                          "configs/heads/self-forcing-1.3b.json"], capsys)
     assert code == 1 and "is for a 30x12 model" in err and calls == []
@@ -272,7 +268,7 @@ def test_unwritable_output_folder(option, error, profiled, tmp_path, capsys, mon
     if option == "--stats-out":  # only a calibration run writes statistics
         args = ["profile-heads", "--seconds", "2"]
     failing_writes(monkeypatch, bad, error)
-    code, err = run_cli([*args, *(a for k, v in paths.items() for a in (k, str(v)))], capsys)
+    code, _, err = run_cli([*args, *(a for k, v in paths.items() for a in (k, str(v)))], capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     reason = "Read-only file system" if error == "read-only" else "No space left on device"
     assert f"cannot write {bad if error == 'read-only' else bad / name}: {reason}" in err

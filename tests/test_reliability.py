@@ -18,18 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfgen.cli import main
 from pfgen.outputs import is_partial
+from clirun import run_cli
 
 SIZE = ["--height", "32", "--width", "48"]
 SMALL = ["--seconds", "1", *SIZE]
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def one_line_error(err: str) -> str:

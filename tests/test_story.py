@@ -24,6 +24,7 @@ from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.state import RunState
 from pfgen.story import Story
 from pfgen.timeline import Entry, from_options, load_timeline, resolve, switch_frame, video_frame
+from clirun import run_cli
 
 SIZE = dict(height=64, width=96)
 CLI_SIZE = ["--height", "64", "--width", "96"]
@@ -42,11 +43,6 @@ def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.err
 
 
 # -- timelines, torch-free -------------------------------------------------------------------------------------
@@ -99,7 +95,7 @@ def test_timeline_files_yaml_and_json(tmp_path):
 def test_bad_timeline_files(text, message, tmp_path, capsys):
     story = tmp_path / "story.yaml"
     story.write_text(text)
-    code, err = run_cli(["generate", "--timeline", str(story), "-o", str(tmp_path / "x.mp4")], capsys)
+    code, _, err = run_cli(["generate", "--timeline", str(story), "-o", str(tmp_path / "x.mp4")], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["story.yaml"]
 
@@ -303,7 +299,7 @@ def test_states_that_do_not_fit_are_refused(saved, tmp_path, capsys):
     ]
     for args, message in cases:
         out = tmp_path / "x.mp4"
-        code, err = run_cli(["generate", *args, "-o", str(out), "--seconds", "1"], capsys)
+        code, _, err = run_cli(["generate", *args, "-o", str(out), "--seconds", "1"], capsys)
         assert code == 1 and message in err and err.count("\n") == 1, (args, err)
         assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
@@ -326,7 +322,7 @@ def test_batch_rows_may_carry_a_timeline(tmp_path, capsys, monkeypatch, pipe):
     prompts, out = tmp_path / "suite.jsonl", tmp_path / "out"
     rows = [{"timeline": [{"at": 0, "prompt": P1}, {"at": 1.0, "prompt": P2}], "name": "story", "seconds": 2}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(out), *CLI_SIZE], capsys)
+    code, _, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(out), *CLI_SIZE], capsys)
     assert code == 0, err
     entry = json.loads((out / "manifest.jsonl").read_text())
     assert entry["prompt"] == P1 and entry["timeline"] == [[0.0, P1], [1.0, P2]]
@@ -337,7 +333,7 @@ def test_batch_rows_may_carry_a_timeline(tmp_path, capsys, monkeypatch, pipe):
                           "0000-a-cat-walks-on-a-wall: the prompt at 3 s comes after the end of the 1.31 s video"),
                          ({"timeline": [{"at": 1, "prompt": P1}]}, "the first entry must be at 0 s")):
         prompts.write_text(json.dumps(row) + "\n")
-        code, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(tmp_path / "o2"),
+        code, _, err = run_cli(["generate", "--prompts", str(prompts), "--output-dir", str(tmp_path / "o2"),
                              "--seconds", "1.5"], capsys)
         assert code == 1 and message in err and err.count("\n") == 1, err
 
@@ -345,7 +341,7 @@ def test_batch_rows_may_carry_a_timeline(tmp_path, capsys, monkeypatch, pipe):
 # -- seeing it while it runs -----------------------------------------------------------------------------------
 def test_preview_and_frames_dir_without_mp4(tmp_path, capsys, pipe):
     frames, preview = tmp_path / "frames", tmp_path / "preview.jpg"
-    code, err = run_cli(["generate", "--prompt", P1, "--then", "0.5", P2, "--seconds", "1", *CLI_SIZE,
+    code, _, err = run_cli(["generate", "--prompt", P1, "--then", "0.5", P2, "--seconds", "1", *CLI_SIZE,
                          "--frames-dir", str(frames), "--preview", str(preview)], capsys)
     assert code == 0, err
     assert f"prompt switched at 0.56 s (frame 9): {P2!r}" in err
