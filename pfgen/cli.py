@@ -196,11 +196,12 @@ def generate(
 def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json, verbose,
                   files, **story):
     from pfgen.config import with_overrides
-    from pfgen.generate import format_bytes, generate_video
+    from pfgen.generate import generate_video
     from pfgen.memory import compare_line
     from pfgen.pipeline import load_pipeline
     from pfgen.sinks import FrameFiles
     from pfgen.ui import chunk_progress, library_output
+    from pfgen.words import format_bytes
 
     with console.status("loading model"), library_output(verbose):
         pipe = load_pipeline(with_overrides(cfg, runtime=dict(offload=plan.offload)))

@@ -15,6 +15,7 @@ from pfgen.outputs import atomic_output
 from pfgen.pipeline import Pipeline
 from pfgen.story import Story
 from pfgen.timeline import Entry, video_frame
+from pfgen.words import format_bytes
 
 
 LATENT_CHANNELS = 16  # the Wan VAE's
@@ -50,12 +51,6 @@ class VideoStats:
         return text
 
 
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from pfgen.generate import format_bytes
 from pfgen.timeline import video_frame
-from pfgen.words import count
+from pfgen.words import count, format_bytes
 
 
 @contextmanager

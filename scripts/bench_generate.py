@@ -28,7 +28,7 @@ import torch
 from benchlib import HEADS, ROOT, SHAPES, RegionTimer, append_markdown, device_name, median, \
     random_transformer, sync, today
 from pfgen.config import CacheConfig, Config, SamplingConfig, VideoConfig
-from pfgen.generate import format_bytes
+from pfgen.words import format_bytes
 from pfgen.heads import HeadTypes
 from pfgen.pipeline import Pipeline
 

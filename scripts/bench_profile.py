@@ -18,7 +18,7 @@ import torch
 
 from benchlib import ROOT, SHAPES, append_markdown, device_name, sync, today
 from bench_generate import make_pipeline
-from pfgen.generate import format_bytes
+from pfgen.words import format_bytes
 from pfgen.profile.capture import LogitRecorder
 
 

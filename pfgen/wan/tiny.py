@@ -6,8 +6,8 @@ seconds on a CPU. Its pictures are noise-like: it shows the pipeline working, no
 
 from __future__ import annotations
 
-import torch
-
+# The architectures are plain data (torch-free), so that inspect-cache and the memory plan read them without
+# importing torch.
 TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
     text_dim=32, freq_dim=32, ffn_dim=256, num_layers=4, cross_attn_norm=True, eps=1e-6,
@@ -19,6 +19,8 @@ TINY_TEXT = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_
 
 
 def _seeded(seed: int, build):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
