@@ -81,7 +81,7 @@ class CacheConfig:
     policy: str = "rolling"  # rolling | full | pyramid
     heads: str | None = None  # head-type JSON for pyramid
     all: str | None = None  # give every head this type instead of a head file (ablations)
-    backend: str = "auto"  # attention backend: auto | split | sdpa
+    backend: str = "auto"  # attention backend: auto | split | sdpa | triton
     rolling: RollingConfig = field(default_factory=RollingConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
 

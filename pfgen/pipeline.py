@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pfgen.attention import get_backend
 from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.cache.policy import validate_cache_config
 from pfgen.config import Config, check_video_size, load_config, with_overrides
@@ -118,18 +119,26 @@ class Pipeline:
         types = [[row[h] for h in layer_order] for row, layer_order in zip(types, order)]
         key = (policy, str(types), batch, grid, max_frames if policy == "full" else 0)
         if key != self._cache_key:
-            try:
-                validate_cache_config(self.config.cache)
-            except ValueError as exc:
-                raise PfgenError(str(exc)) from None
             cfg = self.transformer.config
             geometry = CacheGeometry(self.layers, self.heads, cfg.attention_head_dim,
                                      (grid[0] // cfg.patch_size[1], grid[1] // cfg.patch_size[2]), batch, max_frames)
-            self.state.cache = None  # free the previous cache before allocating
+            try:
+                validate_cache_config(self.config.cache)
+                backend = get_backend(self.config.cache.backend, self.device, geometry.theta)
+            except ValueError as exc:
+                raise PfgenError(str(exc)) from None
+            self.release_cache()  # free the previous cache before allocating
             self.state.cache = KVCache(self.config.cache, types, geometry, self.config.sampling.frames_per_chunk,
-                                       self.dtype, self.device)
+                                       self.dtype, self.device, backend)
             self._cache_key = key
         return self.state.cache
+
+    def release_cache(self) -> None:
+        """Drop the KV cache (and its GPU memory); the next video allocates a fresh one."""
+        self.state.cache = None
+        self._cache_key = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- generation -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
@@ -138,11 +147,13 @@ class Pipeline:
 
     def stream(self, prompt=None, *, num_frames: int = 81, height: int | None = None, width: int | None = None,
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
-               decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None
-               ) -> Iterator[ChunkOutput]:
+               decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None,
+               timer=None) -> Iterator[ChunkOutput]:
         """Yield each chunk's latents (and decoded frames) as soon as they exist.
 
         `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling);
+        `timer(region)` returns a context manager entered around each chunk's "plan" and each self-attention
+        call's "attention" (benchmarks);
         `noise` replaces the noise drawn from `generator` / `latents` (e.g. to replay another run's draws)."""
         if (prompt is None) == (prompt_embeds is None):
             raise PfgenError("give exactly one of prompt and prompt_embeds")
@@ -160,13 +171,13 @@ class Pipeline:
         if decoder:
             decoder.reset()
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
-        cache.observer = observer
+        cache.observer, cache.timer = observer, timer
         try:
             for index, x0 in enumerate(loop.run(embeds, total, noise, on_step)):
                 frames = decoder.decode(x0) if decoder else None
                 yield ChunkOutput(index, index * self.config.sampling.frames_per_chunk, x0, frames)
         finally:
-            cache.observer = None
+            cache.observer = cache.timer = None
 
     def _check_latents(self, latents, batch, grid) -> int:
         channels = self.transformer.config.in_channels
