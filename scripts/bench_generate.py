@@ -35,8 +35,8 @@ from pfgen.pipeline import Pipeline
 STEADY_FROM = 10  # chunks before this still fill the pyramid's containers (t_q >= 27)
 
 
-def make_pipeline(shape, device, dtype, e2e: bool) -> Pipeline:
-    cfg = Config(sampling=SamplingConfig(), cache=CacheConfig(heads=str(HEADS / shape.heads_file)),
+def make_pipeline(shape, device, dtype, e2e: bool, backend: str = "auto") -> Pipeline:
+    cfg = Config(sampling=SamplingConfig(), cache=CacheConfig(heads=str(HEADS / shape.heads_file), backend=backend),
                  video=VideoConfig(height=shape.height, width=shape.width))
     vae = None
     if e2e:
