@@ -71,16 +71,23 @@ def measure(shape_name: str, device, dtype, chunks: int, repeat: int) -> dict:
         "layer_vs_ideal": layer_ms / layer["ideal_pyramid_ms"],
         "e2e_over_dit_fps": e2e["e2e_fps"] / pyramid["dit_fps"],
         "time_to_first_frame_s": e2e["time_to_first_frame_s"],
-        "memory_ratio": pyramid["peak_memory_bytes"] / max(1, rolling["peak_memory_bytes"]),
+        # CUDA peaks only: a CPU process's peak RSS cannot be reset between runs (bench_generate.py --memory-*)
+        "memory_ratio": (pyramid["peak_memory_bytes"] / rolling["peak_memory_bytes"]
+                         if device.type == "cuda" else None),
     }
-    targets = {name: {"value": values[name], "target": t, "kind": kind,
-                      "met": values[name] >= t if kind == "min" else values[name] <= t}
+    targets = {name: {"value": values[name], "target": t, "kind": kind, "met": _met(values[name], t, kind)}
                for name, (t, kind) in TARGETS.items()}
     return {"shape": shape_name, "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
             "date": today(), "chunks": chunks, "steady_from": STEADY_FROM, "backends": names,
             "best_chunk_backend": best, "best_layer_backend": layer_best, "attention_share_rolling": s,
             "key_fraction": f, "ideal_speedup": ideal, "targets": targets, "layer": layer, "chunks_ms": runs,
             "e2e": e2e}
+
+
+def _met(value, threshold: float, kind: str) -> bool | None:
+    if value is None:
+        return None
+    return value >= threshold if kind == "min" else value <= threshold
 
 
 def print_report(r: dict) -> None:
@@ -93,7 +100,9 @@ def print_report(r: dict) -> None:
         print(f"  chunk {name:16s} {run['ms_per_chunk_steady']:9.1f} ms, peak {peak:.2f} GiB")
     for name, t in r["targets"].items():
         sign = ">=" if t["kind"] == "min" else "<="
-        print(f"  {'met ' if t['met'] else 'MISS'} {name:26s} {t['value']:8.3f} (target {sign} {t['target']})")
+        state = "n/a " if t["met"] is None else "met " if t["met"] else "MISS"
+        value = "       -" if t["value"] is None else f"{t['value']:8.3f}"
+        print(f"  {state} {name:26s} {value} (target {sign} {t['target']})")
 
 
 def main() -> None:
