@@ -13,11 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pfgen.cache.plan import RulePlan
+from pfgen.cache.plan import ABS, RulePlan
 from pfgen.cache.store import RuleStore
 from pfgen.rope import apply_rope
 
 LOG2E = 1.4426950408889634
+REGION_ABS = tl.constexpr(ABS)  # the plan's region code, as a compile-time constant of the kernel
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def _ragged_kernel(q_abs, q_hist, k_abs, v_abs, k_hist, v_hist, out, segments,
         partition = tl.load(row + 1)
         first = tl.load(row + 2)
         count = tl.load(row + 3)
-        if region == 0:
+        if region == REGION_ABS:
             base = b * sa_b + h * sa_h
             m_i, l_i, acc = _walk(qa, k_abs + base, v_abs + base, sa_t, first, count, m_i, l_i, acc, d, d_mask,
                                   qk_scale, BLOCK_N, PRECISION)
