@@ -84,8 +84,9 @@ def _ragged_kernel(q_abs, q_hist, k_abs, v_abs, k_hist, v_hist, out, segments,
 
 
 def _blocks(device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small blocks when interpreted, so that the tests walk
-    several key blocks and partial ones; FlashAttention-2-like tiles on a GPU (untuned, docs/benchmarks.md)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): when interpreted, 16 query rows (partial blocks on the test
+    grids) and 64 keys (several blocks per key set, the last one partial); FlashAttention-2-like tiles on a GPU
+    (untuned, docs/benchmarks.md)."""
     if device.type != "cuda":
         return 16, 64, 1, 1
     return 64, 64, 4, 3
@@ -103,7 +104,7 @@ def attend_ragged(rp: RulePlan, store: RuleStore, q_raw: torch.Tensor, q_abs: to
     frames, num_segments = rp.segments.shape[:2]
     grid = (frames * triton.cdiv(n, block_m), batch * heads)
     precision = "ieee" if q_abs.dtype == torch.float32 else "tf32"
-    _ragged_kernel[grid](
+    _ragged_kernel[grid](  # k and v of a store share one layout: the kernel takes the strides of k
         q_abs, q_hist, store.k_abs, store.v_abs, k_hist, v_hist, out, rp.segments,
         *_bth(q_abs), *_bth(q_hist), *_bth(store.k_abs), k_hist.stride(0), *_bth(k_hist[0]), *_bth(out),
         heads, n, num_segments, head_dim, LOG2E / head_dim ** 0.5,
