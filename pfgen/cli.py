@@ -113,7 +113,7 @@ def generate(
     ema: EmaOpt = None,
     num_heads: NumHeadsOpt = None,
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
-    backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa"),
+    backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa, triton"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
     force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
     offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "

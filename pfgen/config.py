@@ -20,7 +20,7 @@ from pfgen.errors import PfgenError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 POLICIES = ("rolling", "full", "pyramid")
-BACKENDS = ("auto", "split", "sdpa")
+BACKENDS = ("auto", "split", "sdpa", "triton")
 OFFLOAD_MODES = ("auto", "none", "text-encoder", "model")  # what leaves the GPU when idle (pfgen.memory)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -91,7 +91,7 @@ class CacheConfig:
     policy: str = "rolling"  # rolling | full | pyramid
     heads: str | None = None  # head-type JSON for pyramid
     all: str | None = None  # give every head this type instead of a head file (ablations)
-    backend: str = "auto"  # attention backend: auto | split | sdpa
+    backend: str = "auto"  # attention backend: auto | split | sdpa | triton
     rolling: RollingConfig = field(default_factory=RollingConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
 

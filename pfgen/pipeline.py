@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pfgen.attention import get_backend
 from pfgen.cache.engine import CacheGeometry, KVCache, cache_nbytes
 from pfgen.config import POLICIES, Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
@@ -151,12 +152,23 @@ class Pipeline:
             cfg = self.transformer.config
             geometry = CacheGeometry(self.layers, self.heads, cfg.attention_head_dim,
                                      (grid[0] // cfg.patch_size[1], grid[1] // cfg.patch_size[2]), batch, max_frames)
-            self.state.cache = None  # free the previous cache before allocating
+            try:
+                backend = get_backend(self.config.cache.backend, self.device, geometry.theta)
+            except ValueError as exc:
+                raise PfgenError(str(exc)) from None
+            self.release_cache()  # free the previous cache before allocating
             args = (self.config.cache, types, geometry, self.config.sampling.frames_per_chunk, self.dtype)
             self._check_fits(cache_nbytes(*args[:4], self.dtype.itemsize), policy, max_frames)
-            self.state.cache = KVCache(*args, self.device)
+            self.state.cache = KVCache(*args, self.device, backend)
             self._cache_key = key
         return self.state.cache
+
+    def release_cache(self) -> None:
+        """Drop the KV cache (and its GPU memory); the next video allocates a fresh one."""
+        self.state.cache = None
+        self._cache_key = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _check_fits(self, needed: int, policy: str, frames: int) -> None:
         """Refuse a cache that cannot be allocated (the `full` policy grows with the video) before trying."""
@@ -179,7 +191,7 @@ class Pipeline:
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
                decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None,
                timeline=None, recache: bool = True, story: Story | None = None, resume=None,
-               commit_last: bool = False) -> Iterator[ChunkOutput]:
+               commit_last: bool = False, timer=None) -> Iterator[ChunkOutput]:
         """Yield each chunk's latents (and decoded frames) as soon as they exist.
 
         `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling);
@@ -188,7 +200,8 @@ class Pipeline:
         boundaries, re-caching the history under each new prompt unless `recache=False`; a `story`
         (pfgen.story) does the same and records the switches. `resume` (a `pfgen.state.RunState`) continues a
         saved run for `num_frames` more frames; `commit_last` also commits the last chunk, so that the run can
-        be saved and continued (`pfgen.state.save_state`)."""
+        be saved and continued (`pfgen.state.save_state`). `timer(region)` returns a context manager entered
+        around each chunk's "plan" and each self-attention call's "attention" (benchmarks)."""
         if story is None:
             story = Story(self._entries(prompt, prompt_embeds, timeline, resume is not None), recache=recache)
         elif prompt is not None or prompt_embeds is not None or timeline is not None:
@@ -221,7 +234,7 @@ class Pipeline:
         if resume is not None:
             resume.restore(self, story, cache)
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
-        cache.observer = observer
+        cache.observer, cache.timer = observer, timer
         try:
             # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
             with self.offload.use("transformer"), self.offload.use("vae"):
@@ -234,7 +247,7 @@ class Pipeline:
                         else None
                     yield ChunkOutput(index, t0, x0, frames, start, switch)
         finally:
-            cache.observer = None
+            cache.observer = cache.timer = None
 
     def _entries(self, prompt, prompt_embeds, timeline, resuming: bool):
         """Exactly one of prompt, prompt_embeds and timeline (none when resuming: the saved prompt goes on)."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchlib import SHAPES, ROOT, append_markdown, attention_layer_types, device_name, median, sync, today
+from pfgen.attention import get_backend
 from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.config import CacheConfig
 from pfgen.rope import frame_table
@@ -29,9 +30,9 @@ STEADY_T0 = 99  # query frames 99..101: every container full, history past the 2
 
 def steady_cache(types, shape, grid, backend, dtype, device, frames_per_chunk=3):
     """A 1-layer cache advanced to STEADY_T0 with random committed K/V."""
-    cfg = CacheConfig(backend=backend)
     geometry = CacheGeometry(1, len(types), shape.head_dim, grid, 1, STEADY_T0 + frames_per_chunk)
-    cache = KVCache(cfg, [types], geometry, frames_per_chunk, dtype, device)
+    cache = KVCache(CacheConfig(), [types], geometry, frames_per_chunk, dtype, device,
+                    get_backend(backend, device, geometry.theta))
     n = grid[0] * grid[1]
     for t0 in range(0, STEADY_T0, frames_per_chunk):
         cache.begin_chunk(t0, frames_per_chunk)
@@ -69,7 +70,8 @@ def key_tokens(cache) -> list[int]:
     return out
 
 
-def run(shape_name: str, device, dtype, repeat: int) -> dict:
+def run(shape_name: str, device, dtype, repeat: int, backends=("split", "sdpa")) -> dict:
+    """Time the layer per backend; `pyramid[split]` is always included (the key counts come from it)."""
     shape = SHAPES[shape_name]
     grid = (shape.height // 16, shape.width // 16)
     n = grid[0] * grid[1]
@@ -80,7 +82,7 @@ def run(shape_name: str, device, dtype, repeat: int) -> dict:
     dense_q = q.transpose(1, 2).contiguous()
     calls = {"dense_sdpa": lambda: F.scaled_dot_product_attention(dense_q, dense_k, dense_k)}
     layouts = {"rolling[split]": (["rolling"] * heads, "split")}
-    for backend in ("split", "sdpa"):
+    for backend in dict.fromkeys(("split", *backends)):
         layouts[f"pyramid[{backend}]"] = (attention_layer_types(shape), backend)
     tokens, plan_seconds = {}, []
     for name, (types, backend) in layouts.items():

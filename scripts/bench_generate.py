@@ -14,7 +14,6 @@ appends a row to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import subprocess
@@ -28,6 +27,7 @@ import torch
 from benchlib import HEADS, ROOT, SHAPES, RegionTimer, append_markdown, device_name, median, \
     random_transformer, sync, today
 from pfgen.config import CacheConfig, Config, SamplingConfig, VideoConfig
+from pfgen.frames import VAE_TIME, frames_for_seconds, latent_frames_for, video_frames_for
 from pfgen.words import format_bytes
 from pfgen.heads import HeadTypes
 from pfgen.pipeline import Pipeline
@@ -35,8 +35,8 @@ from pfgen.pipeline import Pipeline
 STEADY_FROM = 10  # chunks before this still fill the pyramid's containers (t_q >= 27)
 
 
-def make_pipeline(shape, device, dtype, e2e: bool) -> Pipeline:
-    cfg = Config(sampling=SamplingConfig(), cache=CacheConfig(heads=str(HEADS / shape.heads_file)),
+def make_pipeline(shape, device, dtype, e2e: bool, backend: str = "auto") -> Pipeline:
+    cfg = Config(sampling=SamplingConfig(), cache=CacheConfig(heads=str(HEADS / shape.heads_file), backend=backend),
                  video=VideoConfig(height=shape.height, width=shape.width))
     vae = None
     if e2e:
@@ -52,11 +52,7 @@ def make_pipeline(shape, device, dtype, e2e: bool) -> Pipeline:
 
 def fresh_cache(pipe: Pipeline, policy: str, latent: int):
     """Free the previous policy's cache before allocating this one, so peaks are not mixed."""
-    pipe.state.cache = None
-    pipe._cache_key = None
-    gc.collect()
-    if pipe.device.type == "cuda":
-        torch.cuda.empty_cache()
+    pipe.release_cache()
     grid = pipe.latent_grid(pipe.config.video.height, pipe.config.video.width)
     return pipe.make_cache(policy, None, 1, grid, latent)
 
@@ -68,36 +64,35 @@ def run_policy(pipe: Pipeline, policy: str, chunks: int, e2e: bool, seed: int = 
     embeds = torch.randn(1, 512, pipe.transformer.config.text_dim, generator=torch.Generator().manual_seed(seed))
     embeds[:, 77:] = 0
     cache = fresh_cache(pipe, policy, latent)
-    attention, plan = RegionTimer(device), RegionTimer("cpu")
-    cache.attend, cache.begin_chunk = attention.wrap(cache.attend), plan.wrap(cache.begin_chunk)
-    writer = _writer(pipe) if e2e else None
+    regions = {"attention": RegionTimer(device), "plan": RegionTimer("cpu")}
+    writer, decoder = _writer(pipe) if e2e else (None, None)
     m = {"dit": [], "attn": [], "plan": [], "decode": [], "dit_peak": 0, "vae_peak": 0, "first_frame": None}
-    try:
-        _reset_peak(device)
-        start = last = time.perf_counter()
-        for chunk in pipe.stream(prompt_embeds=embeds, num_frames=1 + 4 * (latent - 1), policy=policy,
-                                 generator=torch.Generator(device=device).manual_seed(seed), decode=False):
-            sync(device)
-            dit_end = time.perf_counter()
-            m["dit"].append(dit_end - last)
-            m["attn"].append(attention.take())
-            m["plan"].append(plan.take())
-            m["dit_peak"] = max(m["dit_peak"], _peak(device))
-            if writer is not None:
-                _decode_and_write(pipe, writer, chunk, m, start)
-            _reset_peak(device)  # the next reading covers only the next chunk's DiT work
-            last = time.perf_counter()
-            m["decode"].append(last - dit_end)
-        total = time.perf_counter() - start
+    _reset_peak(device)
+    start = last = time.perf_counter()
+    for chunk in pipe.stream(prompt_embeds=embeds, num_frames=video_frames_for(latent), policy=policy,
+                             generator=torch.Generator(device=device).manual_seed(seed), decode=False,
+                             timer=regions.__getitem__):
+        sync(device)
+        dit_end = time.perf_counter()
+        m["dit"].append(dit_end - last)
+        m["attn"].append(regions["attention"].take())
+        m["plan"].append(regions["plan"].take())
+        m["dit_peak"] = max(m["dit_peak"], _peak(device))
         if writer is not None:
-            writer.close()
-    finally:
-        del cache.attend, cache.begin_chunk  # back to the class methods: no cycle keeps the cache alive
+            _decode_and_write(pipe, writer, decoder, chunk, m, start)
+        _reset_peak(device)  # the next reading covers only the next chunk's DiT work
+        last = time.perf_counter()
+        m["decode"].append(last - dit_end)
+    total = time.perf_counter() - start
+    if writer is not None:
+        writer.close()
     return _result(pipe, policy, chunks, cache, m, total if e2e else None)
 
 
-def _decode_and_write(pipe, writer, chunk, m: dict, start: float) -> None:
-    frames = _frames(pipe, chunk.latents)
+def _decode_and_write(pipe, writer, decoder, chunk, m: dict, start: float) -> None:
+    from pfgen.video import to_uint8_frames
+
+    frames = to_uint8_frames(decoder.decode(chunk.latents)[0])
     writer.write(frames)
     if m["first_frame"] is None:
         _wait(frames)
@@ -111,14 +106,14 @@ def _result(pipe, policy: str, chunks: int, cache, m: dict, e2e_total: float | N
     result = {
         "policy": policy, "chunks": chunks,
         "ms_per_chunk_steady": 1000 * median(steady), "ms_first_chunk": 1000 * m["dit"][0],
-        "dit_fps": 4 * pipe.config.sampling.frames_per_chunk / median(steady),
+        "dit_fps": VAE_TIME * pipe.config.sampling.frames_per_chunk / median(steady),
         "attention_share": median([a / d for a, d in zip(tail("attn"), steady)]),
         "plan_share": median([p / d for p, d in zip(tail("plan"), steady)]),
         "peak_memory_bytes": m["dit_peak"], "memory_kind": "cuda max allocated (DiT)",
         "kv_cache_bytes": cache.nbytes(),
     }
     if e2e_total is not None:
-        frames = 1 + 4 * (chunks * pipe.config.sampling.frames_per_chunk - 1)
+        frames = video_frames_for(chunks * pipe.config.sampling.frames_per_chunk)
         result.update(e2e_fps=frames / e2e_total, time_to_first_frame_s=m["first_frame"],
                       decode_ms_steady=1000 * median(tail("decode")), peak_memory_vae_bytes=m["vae_peak"])
     return result
@@ -134,18 +129,13 @@ def _peak(device) -> int:
 
 
 def _writer(pipe):
+    """An mp4 writer into a temporary folder and a fresh streaming decoder."""
     from pfgen.video import Mp4Writer, StreamingDecoder
 
     out = Path(tempfile.mkdtemp()) / "bench.mp4"
-    pipe._bench_decoder = StreamingDecoder(pipe.vae)
-    pipe._bench_decoder.reset()
-    return Mp4Writer(out, pipe.config.video.width, pipe.config.video.height, pipe.config.video.fps)
-
-
-def _frames(pipe, latents):
-    from pfgen.video import to_uint8_frames
-
-    return to_uint8_frames(pipe._bench_decoder.decode(latents)[0])
+    decoder = StreamingDecoder(pipe.vae)
+    decoder.reset()
+    return Mp4Writer(out, pipe.config.video.width, pipe.config.video.height, pipe.config.video.fps), decoder
 
 
 def _wait(frames) -> None:
@@ -195,7 +185,8 @@ def memory_run(shape, device, dtype, seconds: float, policy: str = "pyramid") ->
     """Peak memory of one run of `seconds` of video in this (fresh) process, DiT only: CUDA max
     allocated, or the process's peak RSS on a CPU."""
     pipe = make_pipeline(shape, device, dtype, e2e=False)
-    run_policy(pipe, policy, int(seconds * 16 / 4 / 3), e2e=False)
+    latent = latent_frames_for(frames_for_seconds(seconds, VideoConfig().fps), pipe.config.sampling.frames_per_chunk)
+    run_policy(pipe, policy, latent // pipe.config.sampling.frames_per_chunk, e2e=False)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -255,7 +246,7 @@ def main() -> None:
         results = {policy: run_policy(pipe, policy, chunks, e2e) for policy in ("rolling", "pyramid")}
         if device.type != "cuda":  # peak RSS per policy needs a process each (12 chunks reach steady state)
             for policy, result in results.items():
-                result["peak_memory_bytes"] = child_peak(flags, 12 * 3 * 4 / 16, policy)
+                result["peak_memory_bytes"] = child_peak(flags, 12 * 3 * VAE_TIME / VideoConfig().fps, policy)
                 result["memory_kind"] = "process peak RSS (own process, 12 chunks)"
         report = summarise(shape, results, device, dtype)
         print_summary(report)

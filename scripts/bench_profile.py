@@ -18,6 +18,8 @@ import torch
 
 from benchlib import ROOT, SHAPES, append_markdown, device_name, sync, today
 from bench_generate import make_pipeline
+from pfgen.config import VideoConfig
+from pfgen.frames import frames_for_seconds, latent_frames_for, video_frames_for
 from pfgen.words import format_bytes
 from pfgen.profile.capture import LogitRecorder
 
@@ -32,7 +34,7 @@ def one_prompt(pipe, latent: int, record: bool) -> tuple[float, int]:
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    for _ in pipe.stream(prompt_embeds=embeds, num_frames=1 + 4 * (latent - 1), policy="rolling",
+    for _ in pipe.stream(prompt_embeds=embeds, num_frames=video_frames_for(latent), policy="rolling",
                          generator=torch.Generator(device=device).manual_seed(0), decode=False, observer=recorder):
         pass
     if recorder is not None:
@@ -59,7 +61,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or shape.dtype)
     pipe = make_pipeline(shape, device, dtype, e2e=False)
-    latent = -(-int(args.seconds * 16 / 4) // 3) * 3
+    latent = latent_frames_for(frames_for_seconds(args.seconds, VideoConfig().fps), 3)
     one_prompt(pipe, 6, record=True)  # warm-up
     runs = [one_prompt(pipe, latent, record=record) for _ in range(args.rounds) for record in (False, True)]
     plain_s, plain_peak = min(runs[0::2])  # best of the rounds: machine noise only ever adds time

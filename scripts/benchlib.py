@@ -71,28 +71,28 @@ def sync(device) -> None:
 
 
 class RegionTimer:
-    """Accumulates the time spent inside wrapped calls: CUDA events on a GPU (no syncs), clocks on a CPU."""
+    """Accumulates the time spent inside `with timer:` blocks: CUDA events on a GPU (no syncs), clocks on a
+    CPU. Pipeline.stream's `timer` hook takes a dict of them: `timer=regions.__getitem__`."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
         self.events: list = []
         self.seconds = 0.0
 
-    def wrap(self, fn):
-        def timed(*args, **kwargs):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-                self.events.append((start, end))
-                return out
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds += time.perf_counter() - t
-            return out
+    def __enter__(self):
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
 
-        return timed
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self.start, end))
+        else:
+            self.seconds += time.perf_counter() - self.start
 
     def take(self) -> float:
         """Seconds accumulated since the last take (call after a sync)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every full-shape GPU measurement in one go (an H100 session is short): correctness of the engine on the
-# GPU, then the benchmarks, the profiling cost and the numerics against the reference.
+# Every full-shape GPU measurement in one go (an H100 session is short): correctness of the engine and of the
+# Triton kernel on the GPU, then every issue-14 target in one script (targets.json, at most 8 minutes), the
+# other benchmarks, the profiling cost and the numerics (and whole-run time) against the reference.
 #
 #   bash scripts/gpu_session.sh OUTDIR [SELF_FORCING_CHECKOUT]
 #
@@ -31,7 +32,8 @@ step() {  # step NAME SECONDS COMMAND...
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
   python3 -c "import torch, diffusers; print(torch.__version__, torch.version.cuda, diffusers.__version__)"'
 step gpu-tests 180 env PFGEN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_cache.py \
-  -k "oracle or lse"
+  tests/test_backends.py -k "oracle or lse"
+step targets 480 python3 scripts/bench_gpu.py --json "$out/targets.json"
 step attention 120 python3 scripts/bench_attention.py --shape full --json "$out/attention.json" \
   --markdown "$out/benchmarks.md"
 step generate 420 python3 scripts/bench_generate.py --shape full --json "$out/generate.json" \

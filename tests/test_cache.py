@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from pfgen.attention import get_backend
 from pfgen.attention.split import attention_lse, attention_lse_math, merge_parts
 from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.cache.policy import make_rule
@@ -67,16 +68,16 @@ def test_steady_state_budgets():
     assert sizes == {"wave": [9, 9, 9], "anchor": [11, 11, 11], "veil": [11, 11, 11]}
 
 
-def run_engine(cfg, types, grid, chunks, frames_per_chunk, backend, seed=0, heads_dim=32):
+def run_engine(cfg, types, grid, chunks, frames_per_chunk, backend, seed=0, heads_dim=32, dtype=torch.float32):
     """Drive a 1-layer cache with random q/k/v: 2 noisy passes and a clean pass per chunk.
 
     Returns (outputs, expected) per pass, expected from the spec oracle with clean K/V for history."""
-    cfg = dataclasses.replace(cfg, backend=backend)
     g = torch.Generator().manual_seed(seed)
     heads = len(types[0])
     n = grid[0] * grid[1]
     geometry = CacheGeometry(1, heads, heads_dim, grid, 1, chunks * frames_per_chunk)
-    cache = KVCache(cfg, types, geometry, frames_per_chunk, torch.float32, DEVICE)
+    cache = KVCache(cfg, types, geometry, frames_per_chunk, dtype, DEVICE,
+                    get_backend(backend, DEVICE, geometry.theta))
     committed = {}
     results = []
     for c in range(chunks):
@@ -86,7 +87,7 @@ def run_engine(cfg, types, grid, chunks, frames_per_chunk, backend, seed=0, head
         for p in range(3):
             q, k, v = (torch.randn(1, frames_per_chunk * n, heads, heads_dim, generator=g) for _ in range(3))
             cache.set_pass(commit=p == 2)
-            out = cache.attend(0, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rope).cpu()
+            out = cache.attend(0, *(x.to(DEVICE, dtype) for x in (q, k, v)), rope).cpu()
             frame_kv = dict(committed)
             for f in range(frames_per_chunk):
                 frame_kv[t0 + f] = (k[0, f * n:(f + 1) * n], v[0, f * n:(f + 1) * n])
@@ -174,7 +175,7 @@ def test_cache_memory_is_flat():
     cache, _ = run_engine(cfg, [["wave", "anchor", "veil", "rolling"]], (2, 2), 40, 3, "split")
     bytes_after_40 = cache.nbytes()
     fresh = KVCache(cfg, [["wave", "anchor", "veil", "rolling"]], CacheGeometry(1, 4, 32, (2, 2)), 3,
-                    torch.float32, "cpu")
+                    torch.float32, "cpu", get_backend("split", "cpu"))
     assert bytes_after_40 == fresh.nbytes()
     assert all(len(f.items) <= 4 for f in cache.rules["wave"].fifos)
     assert len(cache.rules["veil"].merged.items) <= 4

@@ -27,7 +27,7 @@ def allocated_kv(cfg, types, arch, grid, latent, dtype):
     patch = arch["patch_size"]
     geometry = CacheGeometry(len(types), len(types[0]), arch["attention_head_dim"],
                              (grid[0] // patch[1], grid[1] // patch[2]), 1, latent)
-    return KVCache(cfg.cache, types, geometry, cfg.sampling.frames_per_chunk, dtype, "meta").nbytes()
+    return KVCache(cfg.cache, types, geometry, cfg.sampling.frames_per_chunk, dtype, "meta", None).nbytes()
 
 
 @pytest.mark.parametrize("policy", ["rolling", "full", "pyramid"])

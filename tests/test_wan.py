@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 import pfgen
+from pfgen.attention import get_backend
 from pfgen.config import CacheConfig
 from pfgen.cache.engine import CacheGeometry, KVCache
 from pfgen.rope import FrameOffsetRoPE, apply_rope
@@ -54,7 +55,7 @@ def causal_model(frames, per_chunk, grid):
     cfg = model.config
     geometry = CacheGeometry(cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, grid, 1, frames)
     types = [["full"] * cfg.num_attention_heads for _ in range(cfg.num_layers)]
-    state.cache = KVCache(CacheConfig(), types, geometry, per_chunk, torch.float32, "cpu")
+    state.cache = KVCache(CacheConfig(), types, geometry, per_chunk, torch.float32, "cpu", get_backend("split", "cpu"))
     return model, state
 
 

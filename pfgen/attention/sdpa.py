@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfgen.attention.plan import ChunkPlan, RulePlan, selection
+from pfgen.cache.plan import RulePlan, selection
 from pfgen.cache.store import RuleStore
 from pfgen.rope import apply_rope, temporal_table
 
@@ -34,7 +34,8 @@ def frame_keys(read, store: RuleStore, head_dim: int, theta: float):
     return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
-def attend_reference(rp: RulePlan, store: RuleStore, q_raw, q_abs, plan: ChunkPlan, theta: float) -> torch.Tensor:
+def attend_reference(rp: RulePlan, store: RuleStore, q_raw, q_abs, *, theta: float) -> torch.Tensor:
+    """The backend interface plus `theta`, bound by `get_backend` (only this backend rotates keys)."""
     n = store.frame_tokens
     head_dim = q_abs.shape[-1]
     by_length: dict[int, list] = {}

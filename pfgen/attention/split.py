@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pfgen.attention.plan import ChunkPlan, Group, RulePlan
+from pfgen.cache.plan import Group, RulePlan
 from pfgen.attention.sdpa import sdpa
 from pfgen.cache.store import RuleStore
 from pfgen.rope import apply_rope
@@ -63,7 +63,7 @@ def _hist_part(g: Group, store: RuleStore, q_raw: torch.Tensor, n: int):
     return o, lse
 
 
-def attend_split(rp: RulePlan, store: RuleStore, q_raw, q_abs, plan: ChunkPlan, theta: float) -> torch.Tensor:
+def attend_split(rp: RulePlan, store: RuleStore, q_raw, q_abs) -> torch.Tensor:
     n = store.frame_tokens
     outs = []
     for g in rp.groups:

@@ -2,6 +2,8 @@
 
 One chunk = `begin_chunk` (plan once), then passes (`attend` per layer), the last of which commits, then the
 next chunk. Heads of each layer are grouped by type so that every type is served by batched calls.
+The attention itself is a backend handed in by the caller (`pfgen.attention.get_backend`), so that `cache/`
+never imports `attention/`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pfgen.attention import get_backend
-from pfgen.attention.plan import ChunkPlan, build_plan
+from pfgen.cache.plan import ChunkPlan, build_plan
 from pfgen.cache.policy import make_rule
 from pfgen.cache.store import RuleStore, store_nbytes
 from pfgen.rope import apply_rope
@@ -34,10 +35,11 @@ class CacheGeometry:
 class KVCache:
     """Head-aware KV cache. `head_types[layer][head]` names each head's rule (anchor/wave/veil/rolling/full)."""
 
-    def __init__(self, cache_cfg, head_types, geometry: CacheGeometry, frames_per_chunk: int, dtype, device):
+    def __init__(self, cache_cfg, head_types, geometry: CacheGeometry, frames_per_chunk: int, dtype, device,
+                 backend):
+        """`backend(rule_plan, store, q_raw, q_abs) -> (B, F*N, n, D)`: see `pfgen.attention`."""
         self.geometry = geometry
-        self.frames_per_chunk = frames_per_chunk
-        self.backend = get_backend(cache_cfg.backend)
+        self.backend = backend
         kinds = sorted({kind for row in head_types for kind in row})
         self.rules = {k: make_rule(k, cache_cfg, frames_per_chunk, geometry.max_frames) for k in kinds}
         self.head_types = [list(row) for row in head_types]
@@ -54,6 +56,7 @@ class KVCache:
         self.plan: ChunkPlan | None = None
         self.committing = False
         self.observer = None  # optional callable(layer, q_abs, k_abs, plan, committing), e.g. profiling
+        self.timer = None  # optional callable(region) -> context manager around "plan" and "attention" (benchmarks)
 
     @staticmethod
     def _head_groups(row, device) -> dict:
@@ -75,6 +78,12 @@ class KVCache:
         self.plan = None
 
     def begin_chunk(self, t0: int, frames: int) -> ChunkPlan:
+        if self.timer is not None:
+            with self.timer("plan"):
+                return self._begin_chunk(t0, frames)
+        return self._begin_chunk(t0, frames)
+
+    def _begin_chunk(self, t0: int, frames: int) -> ChunkPlan:
         g = self.geometry
         self.plan = build_plan(self.rules, t0, frames, g.grid, g.head_dim, g.theta, self._abs_offsets, self._device)
         return self.plan
@@ -89,6 +98,12 @@ class KVCache:
         q, k, v: (B, F*N, heads, D) before RoPE; rope: complex rotations of the chunk's own positions,
         (F*N, 1, D/2). A layer served by one head type returns the backend's output as is.
         """
+        if self.timer is not None:
+            with self.timer("attention"):
+                return self._attend(layer, q, k, v, rope)
+        return self._attend(layer, q, k, v, rope)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
         plan = self.plan
         q_abs = apply_rope(q, rope)
         k_abs = apply_rope(k, rope)
@@ -100,7 +115,7 @@ class KVCache:
             store = self.stores[layer][kind]
             rp = plan.rules[kind]
             store.write_current(k_abs[:, :, heads], v[:, :, heads], rp.write_slots)
-            o = self.backend(rp, store, q[:, :, heads], q_abs[:, :, heads], plan, self.geometry.theta)
+            o = self.backend(rp, store, q[:, :, heads], q_abs[:, :, heads])
             if self.committing:
                 store.commit(rp.ops, k[:, :, heads], v[:, :, heads], plan.t0, plan.tables)
             if out is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-SEGMENT_KINDS = ("sink", "recent", "cyclic", "stride", "merge")
 MAX_PERIOD = 32  # each wave phase keeps its own bucket and sink copy: memory grows with the period
 
 

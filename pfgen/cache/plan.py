@@ -3,6 +3,9 @@
 For each head type the plan says where the chunk's frames are written, which stored tokens each query
 frame reads (as a slice when they are contiguous, which is the steady state, else an index tensor), and
 which query frames can share one batched attention call. RoPE tables for the chunk are built here too.
+
+Kernels that walk each query frame's key set themselves (the `triton` backend) read `RulePlan.segments`,
+the same reads as runs of tokens: one small int32 table per chunk, so that no pass plans anything.
 """
 
 from __future__ import annotations
@@ -35,12 +38,17 @@ class Group:
     hist: HistRead | None
 
 
+ABS, HIST = 0, 1  # segment regions
+
+
 @dataclass(frozen=True)
 class RulePlan:
     write_slots: tuple[int, ...]
     groups: tuple[Group, ...]
     reads: tuple[Read, ...]
     ops: tuple
+    segments: torch.Tensor  # (F, S, 4) int32: region, hist partition, first token, tokens (0: padding)
+    hist_table: torch.Tensor | None  # rotations of all F*N queries at min(t_q, window), if any frame reads hist
 
 
 @dataclass(frozen=True)
@@ -51,14 +59,20 @@ class ChunkPlan:
     rules: dict[str, RulePlan]
 
 
-def selection(slots, offsets, device) -> slice | torch.Tensor:
-    """Token selection for `slots` of a region whose slot i spans offsets[i]:offsets[i+1]."""
+def token_runs(slots, offsets) -> list[list[int]]:
+    """[start, stop) token runs of `slots` in a region whose slot i spans offsets[i]:offsets[i+1]."""
     runs: list[list[int]] = []
     for s in slots:
         if runs and runs[-1][1] == offsets[s]:
             runs[-1][1] = offsets[s + 1]
         else:
             runs.append([offsets[s], offsets[s + 1]])
+    return runs
+
+
+def selection(slots, offsets, device) -> slice | torch.Tensor:
+    """Token selection for `slots` of a region whose slot i spans offsets[i]:offsets[i+1]."""
+    runs = token_runs(slots, offsets)
     if len(runs) == 1:
         return slice(*runs[0])
     if not runs:
@@ -120,13 +134,33 @@ def build_plan(rules: dict[str, Rule], t0: int, frames: int, grid: tuple[int, in
         ops = tuple(rule.commit(t0, frames))
         hist_offsets = [i * n for i in range(rule.layout.hist_slots + 1)]
         groups = _groups(reads, abs_offsets[name], hist_offsets, query_tables, device)
-        plans[name] = RulePlan(write, groups, tuple(reads), ops)
+        hist_table = None
+        if any(r.hist_slots for r in reads):
+            hist_table = query_tables(tuple(r.hist_shift for r in reads), 0)
+        segments = _segments(reads, abs_offsets[name], hist_offsets, device)
+        plans[name] = RulePlan(write, groups, tuple(reads), ops, segments, hist_table)
         blocks |= {(op.block, rule.layout.merge_patch, rule.layout.merge_block)
                    for op in ops if isinstance(op, Finalize)}
     tables = {"hist": frame_table([0], h, w, head_dim, theta, device)}
     for m, patch, size in blocks:
         tables[("block", m)] = _block_table(m, patch, size, grid, head_dim, theta, device)
     return ChunkPlan(t0, frames, tables, plans)
+
+
+def _segments(reads: list[Read], abs_offsets, hist_offsets, device) -> torch.Tensor:
+    """Each query frame's key set as token runs: abs runs (queries at t_q), then hist runs (queries at
+    min(t_q, window)) of the frame's partition. Padded with empty runs to the longest list."""
+    rows = []
+    for r in reads:
+        row = [(ABS, 0, a, b - a) for a, b in token_runs(r.abs_slots, abs_offsets)]
+        row += [(HIST, r.hist_partition, a, b - a) for a, b in token_runs(r.hist_slots, hist_offsets)]
+        rows.append(row)
+    width = max(1, max(len(row) for row in rows))
+    table = torch.zeros(len(rows), width, 4, dtype=torch.int32)
+    for f, row in enumerate(rows):
+        if row:
+            table[f, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    return table.to(device)
 
 
 def _block_table(m: int, patch: int, size: int, grid, head_dim, theta, device):
