@@ -135,7 +135,7 @@ def test_threshold_override_moves_boundary(profiled, capsys):
     ("bad_stats", "frame_logits has shape"),
     ("other_model", "statistics are for model 'tiny'"),
     ("binary_prompts", "is not UTF-8 text"),
-    ("binary_compare", "not a head-type file (not UTF-8 text)"),
+    ("binary_compare", "not a text file (not UTF-8)"),
     ("no_sink", "its metadata has no valid 'sink' (None)"),
     ("garbage_stats", "is not a pfgen statistics file (safetensors with frame_logits)"),
     ("other_safetensors", "is not a pfgen statistics file (safetensors with frame_logits)"),
