@@ -2,9 +2,9 @@
 
 - `check_output_path` / `check_outputs`: before any work starts, each output's folder exists and is writable,
   no two outputs of one run share a path, and an existing file is refused unless overwriting was asked for.
-- `atomic_output(path)`: yields a temp path unique to this process beside `path`; on success the temp is
-  given normal permissions and renamed over `path`, on any exception (Ctrl-C and SIGTERM included, see
-  `pfgen.signals`) it is removed. A folder works the same way (`directory=True`).
+- `with atomic_output(path) as tmp`: a temp path unique to this process beside `path`; on success the temp is
+  given normal permissions and renamed over `path`, on any exception (Ctrl-C and SIGTERM included: the CLI
+  turns those signals into KeyboardInterrupt) it is removed. A folder works the same way (`directory=True`).
 - `output_lock(path)`: an `fcntl` lock beside an output (or in an output folder) so that two runs never write
   the same file; the second one is refused with the first one's pid.
 """
@@ -233,21 +233,6 @@ def output_lock(path: str | Path) -> OutputLock:
     if path.is_dir():
         return OutputLock(path / ".pfgen.lock", path)
     return OutputLock(path.with_name(f".{path.name}.lock"), path)
-
-
-def is_locked(lock_path: Path) -> bool:
-    """Whether a live process holds `lock_path` (a probe that never blocks and never keeps the lock)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:
