@@ -30,8 +30,9 @@ def chunk_progress(console, fps: int):
             if chunk.switch is not None:
                 switches[0] += 1
                 s = chunk.switch
-                progress.update(task, prompt=f"prompt {switches[0]} since {s['seconds']:.2f} s "
-                                             f"(frame {s['video_frame']})")
+                if switches[0] > 1 or s["video_frame"]:  # a one-prompt video has nothing to report
+                    progress.update(task, prompt=f"prompt {switches[0]} since {s['seconds']:.2f} s "
+                                                 f"(frame {s['video_frame']})")
             progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks,
                             video=frames_done / fps, video_total=frames_total / fps,
                             fps=frames_done / (time.perf_counter() - start))
