@@ -24,6 +24,7 @@ from pfgen import __version__
 from pfgen.config import to_dict
 from pfgen.errors import PfgenError
 from pfgen.outputs import atomic_output
+from pfgen.wan.fingerprint import model_fingerprint
 
 FORMAT = "pfgen.state/1"
 
@@ -42,24 +43,6 @@ def config_fingerprint(cfg, dtype, device) -> str:
 
 def heads_fingerprint(types: list[list[str]]) -> str:
     return _sha(types)
-
-
-def model_fingerprint(pipe) -> str:
-    """Transformer and VAE: architecture plus up to 1024 evenly spaced values of every parameter (cheap, and
-    any other checkpoint differs). Self-attention weights are left out: their heads are reordered per policy
-    (`wan.head_order`), and every other weight already tells checkpoints apart."""
-    h = hashlib.sha256()
-    for module in (pipe.transformer, pipe.vae):
-        arch = {k: v for k, v in module.config.items() if not k.startswith("_")}  # "_..." vary between runs
-        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
-        for name, param in sorted(module.named_parameters()):
-            if ".attn1." in name:
-                continue
-            flat = param.detach().flatten()
-            sample = flat[::max(1, flat.numel() // 1024)].float().cpu()
-            h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -83,7 +66,7 @@ def save_state(path: str | Path, pipe, story, cache) -> int:
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     meta = {
         "format": FORMAT, "pfgen_version": __version__, "position": story.position,
-        "model": {"name": pipe.config.model.name, "fingerprint": model_fingerprint(pipe)},
+        "model": {"name": pipe.config.model.name, "fingerprint": model_fingerprint(pipe.transformer, pipe.vae)},
         "config": config_fingerprint(pipe.config, pipe.dtype, pipe.device),
         "policy": pipe.policy, "heads": heads_fingerprint(pipe.original_head_types),
         "size": list(story.size), "batch": int(story.embeds.shape[0]),
@@ -158,7 +141,7 @@ class RunState:
         """Refusals that need the model: other head types, other weights."""
         if self.meta["heads"] != heads_fingerprint(types):
             raise PfgenError(f"{self.path} was saved with other head types", "pass the --heads file of the saved run")
-        if self.meta["model"]["fingerprint"] != model_fingerprint(pipe):
+        if self.meta["model"]["fingerprint"] != model_fingerprint(pipe.transformer, pipe.vae):
             raise PfgenError(f"{self.path} was saved with another model ({self.meta['model']['name']})",
                              "resume with the --checkpoint / --config of the saved run")
 

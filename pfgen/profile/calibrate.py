@@ -48,16 +48,6 @@ def read_prompts(path: str | Path | None) -> list[str]:
     return prompts
 
 
-def model_fingerprint(transformer) -> str:
-    """Architecture plus a digest of a few weight tensors: tells statistics of one model from another's."""
-    cfg = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name in ("patch_embedding.weight", "blocks.0.attn1.to_q.weight", "proj_out.weight"):
-        tensor = dict(transformer.named_parameters())[name].detach().float().flatten()[:4096].cpu()
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass
 class Statistics:
     frame_logits: torch.Tensor  # (layers, heads, T, T) float32, NaN where not visible

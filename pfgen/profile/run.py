@@ -8,9 +8,9 @@ from pathlib import Path
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.outputs import check_folder_writable, check_output_path, check_outputs
-from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, model_fingerprint, read_prompts, \
-    remove_parts
+from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, read_prompts, remove_parts
 from pfgen.profile.classify import Thresholds, agreement, classify
+from pfgen.wan.fingerprint import model_fingerprint
 
 
 @dataclass
