@@ -252,6 +252,20 @@ def device_memory(device: torch.device) -> tuple[int | None, int | None]:
     return total, free
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
+    if device.type == "cuda":
+        return device_memory(device)[1]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
 def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtype, policy: str | None = None,
                 heads=None, height: int | None = None, width: int | None = None, offload: str | None = None,
                 batch: int = 1) -> MemoryPlan:

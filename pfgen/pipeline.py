@@ -21,7 +21,7 @@ from pfgen.config import POLICIES, Config, check_video_size, load_config, with_o
 from pfgen.errors import PfgenError
 from pfgen.frames import VAE_SPACE, frames_for_seconds, latent_frames_for
 from pfgen.heads import HeadTypes, head_type_rows, head_type_source
-from pfgen.memory import plan_memory
+from pfgen.memory import free_memory, plan_memory
 from pfgen.offload import Offload
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.story import Story
@@ -48,20 +48,6 @@ class PipelineOutput:
     latents: torch.Tensor | None = None
     frames: np.ndarray | None = None  # (B, frames, H, W, 3) float32 in [0, 1]
     path: Path | None = None
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                fields = dict(line.split(":", 1) for line in f)
-            return int(fields["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return None
-    return None
 
 
 def set_threads(threads: int | None) -> None:
@@ -183,7 +169,7 @@ class Pipeline:
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if "text_encoder" in self.offload.moving:  # its visit never overlaps a cache (as the memory plan assumes)
-            self.state.cache, self._cache_key = None, None
+            self.release_cache()
         with self.offload.use("text_encoder"):
             return self.prompt_encoder(prompts).to(self.device, self.dtype)
 

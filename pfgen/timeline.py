@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfgen.errors import PfgenError
-from pfgen.frames import chunk_video_frames
+from pfgen.frames import VAE_TIME, chunk_video_frames
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def video_frame(t0: int, start: int) -> int:
 def switch_frame(at: float, start: int, frames_per_chunk: int, fps: int) -> int:
     """The latent frame of the first chunk boundary at or after `at` seconds (chunks start at `start`)."""
     target = at * fps - 1e-6
-    chunks = max(0, math.floor((target - 1) / (4 * frames_per_chunk)))  # a lower bound, then walk up
+    chunks = max(0, math.floor((target - 1) / (VAE_TIME * frames_per_chunk)))  # a lower bound, then walk up
     t0 = start + chunks * frames_per_chunk
     while video_frame(t0, start) < target:
         t0 += frames_per_chunk
@@ -144,7 +144,8 @@ def resolve(entries: list[Entry], start: int, end: int, frames_per_chunk: int, f
         if out and out[-1][0] == t0:
             raise PfgenError(f"the prompts at {out[-1][1].at:g} s and {entry.at:g} s both switch at the chunk "
                              f"boundary at {video_frame(t0, start) / fps:.2f} s",
-                             f"switches happen every {frames_per_chunk * 4 / fps:.2f} s; space them further apart")
+                             f"switches happen every {frames_per_chunk * VAE_TIME / fps:.2f} s; "
+                             "space them further apart")
         out.append((t0, entry))
     return out
 
