@@ -530,7 +530,7 @@ def _out_of_memory(exc: Exception) -> str | None:
     if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return f"out of GPU memory ({lower}, or --text-encoder-device cpu)"
     text = str(exc)
-    if isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or isinstance(exc, MemoryError)):
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in text):
         asked = re.search(r"allocate (\d+) bytes", text)
         size = f": {int(asked.group(1)) / 2 ** 30:.1f} GiB more were needed" if asked else ""
         return f"out of CPU memory{size} ({lower})"

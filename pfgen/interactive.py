@@ -1,8 +1,8 @@
 """`--interactive`: prompts typed on stdin while a video is generated.
 
 A daemon thread reads lines and queues them; the story (`pfgen.story`) takes the newest one at the next chunk
-boundary (one text-encoder call there), so the chunk loop never waits on stdin. Blank lines are skipped; closing stdin (Ctrl-D, or the end
-of a pipe) keeps the current prompt and generation goes on.
+boundary (one text-encoder call there), so the chunk loop never waits on stdin. Blank lines are skipped;
+closing stdin (Ctrl-D, or the end of a pipe) keeps the current prompt and generation goes on.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def run_batch(cfg: Config, req: BatchRequest, console, verbose: bool = False) ->
         mine = todo[ranks.rank::ranks.world]
         if ranks.rank == 0:
             where = f" on {ranks.world} ranks" if ranks.world > 1 else ""
-            console.print(f"{count(total, 'video')}: {total - len(todo)} already complete, {len(todo)} to generate{where}",
+            console.print(f"{count(total, 'video')}: {total - len(todo)} already complete, {len(todo)} to "
+                          f"generate{where}",
                           highlight=False, soft_wrap=True)
         if mine:
             _generate_jobs(ranks.place(cfg), req, mine, ranks, console, verbose)
@@ -82,12 +83,12 @@ def _story(item):
 
 def _entry(job: Job, stats, device, ranks: Ranks) -> dict:
     """The request, then how it went: timing, peak memory, where it ran."""
-    return {**job.request, "bytes": os.path.getsize(stats.path), "latent_frames": stats.latent_frames, "video_seconds": stats.video_seconds,
-            "wall_seconds": stats.wall_seconds, "first_frame_seconds": stats.first_frame_seconds,
-            "generation_fps": stats.fps, "peak_memory_bytes": stats.peak_memory_bytes,
-            "memory_kind": stats.memory_kind, "switches": stats.switches, "device": str(device), "rank": ranks.rank,
-            "world_size": ranks.world,
-            "pfgen_version": __version__, "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+    return {**job.request, "bytes": os.path.getsize(stats.path), "latent_frames": stats.latent_frames,
+            "video_seconds": stats.video_seconds, "wall_seconds": stats.wall_seconds,
+            "first_frame_seconds": stats.first_frame_seconds, "generation_fps": stats.fps,
+            "peak_memory_bytes": stats.peak_memory_bytes, "memory_kind": stats.memory_kind, "switches": stats.switches,
+            "device": str(device), "rank": ranks.rank, "world_size": ranks.world, "pfgen_version": __version__,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
 
 
 @contextmanager
