@@ -6,12 +6,11 @@ the encoder unless it falls 4 chunks behind.
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 from pfgen.errors import PfgenError
 from pfgen.outputs import atomic_output, check_folder_writable, check_output_path
+from pfgen.video import FrameWorker
 
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png")
 FRAME_NAME = "frame_{:06d}.png"  # numbered from 0 in this run's video, like its mp4
@@ -42,31 +41,16 @@ class FrameFiles:
         if frames_dir is not None:
             frames_dir.mkdir(exist_ok=True)
         self.written = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
+        self._worker = FrameWorker(self._save)
 
     def write(self, frames) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((self.written, frames))
+        if self._worker.error is not None:
+            raise self._worker.error
+        self._worker.put(frames, self.written)
         self.written += len(frames)
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._save(*item)
-                except BaseException as exc:  # surfaced on the caller's thread
-                    self._error = exc
-
-    def _save(self, first: int, frames) -> None:
+    def _save(self, frames, first: int) -> None:
         from PIL import Image
-
-        from pfgen.video import PendingFrames
-
-        frames = frames.resolve() if isinstance(frames, PendingFrames) else frames
 
         if self.frames_dir is not None:
             for i, frame in enumerate(frames):
@@ -78,10 +62,9 @@ class FrameFiles:
                 Image.fromarray(frames[-1]).save(tmp, **options)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._worker.finish()
+        if self._worker.error is not None:
+            raise self._worker.error
 
     def __enter__(self) -> "FrameFiles":
         return self

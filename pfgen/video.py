@@ -127,6 +127,38 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return tags
 
 
+class FrameWorker:
+    """Frames handed to `consume(frames, *extra)` in order on a background thread, resolved from the GPU there
+    (`PendingFrames`). The queue is bounded, so generation runs at most 4 chunks ahead of the consumer; the
+    first error is kept in `error` for the caller's thread, and later frames are dropped."""
+
+    def __init__(self, consume):
+        self._consume = consume
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            frames, extra = item
+            try:
+                self._consume(frames.resolve() if isinstance(frames, PendingFrames) else frames, *extra)
+            except BaseException as exc:  # surfaced on the caller's thread
+                self.error = exc
+
+    def put(self, frames, *extra) -> None:
+        self._queue.put((frames, extra))
+
+    def finish(self) -> None:
+        """Wait until every queued frame is consumed (once; later calls return at once)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class Mp4Writer:
     """H.264 mp4 encoded by ffmpeg fed from a background thread; the file appears only when complete and
     verified.
@@ -153,49 +185,36 @@ class Mp4Writer:
         self._stderr: list[str] = []
         self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
         self._stderr_thread.start()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
+        self._worker = FrameWorker(lambda frames: self._proc.stdin.write(np.ascontiguousarray(frames).tobytes()))
 
     def _collect_stderr(self) -> None:
         for line in iter(self._proc.stderr.readline, b""):
             self._stderr.append(line.decode(errors="replace").strip())
 
-    def _drain(self) -> None:
-        while (frames := self._queue.get()) is not None:
-            try:
-                if self._error is None:
-                    frames = frames.resolve() if isinstance(frames, PendingFrames) else frames
-                    self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
-            except BaseException as exc:  # surfaced on the caller's thread
-                self._error = exc
-
     def write(self, frames) -> None:
         """Queue (F, H, W, 3) uint8 frames (numpy or `PendingFrames`); encoding overlaps with generation."""
-        if self._error is not None:
+        if self._worker.error is not None:
             self.abort()
             raise self._encoder_error()
-        self._queue.put(frames)
+        self._worker.put(frames)
         self.frames_written += len(frames)
 
     def _encoder_error(self) -> PfgenError:
-        reason = next((line for line in reversed(self._stderr) if line), None) or str(self._error)
+        reason = next((line for line in reversed(self._stderr) if line), None) or str(self._worker.error)
         reason = re.sub(r"^\[[^]]*\]\s*", "", reason)  # ffmpeg's "[out#0/mp4 @ 0x...]" prefix
         return PfgenError(f"could not encode {self.path}: {reason}")
 
     def close(self) -> Path:
         """Finish the file, verify it, and move it into place."""
-        self._queue.put(None)
-        self._thread.join()
+        self._worker.finish()
         try:
             self._proc.stdin.close()
         except OSError as exc:  # the pipe broke: ffmpeg died
-            self._error = self._error or exc
+            self._worker.error = self._worker.error or exc
         code = self._proc.wait()
         self._stderr_thread.join()
         try:
-            if self._error is not None or code != 0:
+            if self._worker.error is not None or code != 0:
                 raise self._encoder_error()
             found = decoded_frames(self.tmp)
             if found != self.frames_written:
@@ -207,9 +226,7 @@ class Mp4Writer:
         return self._output.commit()
 
     def abort(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._worker.finish()
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
