@@ -26,7 +26,8 @@ THRESHOLDS = {
     "repetition": 0.95,  # frames correlate above 0.95 with frames of a non-adjacent earlier window: a loop
 }
 UNITS = {"brightness": "luma", "color_drift": "dE", "flicker": "luma", "sharpness": "x first", "motion": "px/frame",
-         "repetition": "corr"}
+         "repetition": "corr", "world_background": "share", "world_objects": "share",
+         "world_spurious": "share", "world_stability": "share"}
 
 STATS_SIDE = 64  # colour statistics on a frame downscaled to at most this many pixels wide or high
 FLOW_SIDE = 256  # optical flow on a gray frame downscaled to at most this side (magnitudes scaled back)

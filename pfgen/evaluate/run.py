@@ -14,6 +14,8 @@ from pfgen.errors import PfgenError
 from pfgen.evaluate.deep import DEEP_WORSE, DEFAULT_CLIP, ClipScorer, add_deep_windows
 from pfgen.evaluate.metrics import WORSE, FrameFeatures, summarize, window_metrics
 from pfgen.evaluate.videos import Comparison, VideoRef, prompt_from_metadata, read_video, select_videos
+from pfgen.evaluate.world import WORLD_WORSE, add_world_windows, world_scene
+from pfgen.world.score import WorldTrack
 
 
 @dataclass(frozen=True)
@@ -40,25 +42,33 @@ def evaluate(req: EvaluateRequest, on_video=lambda done, total, label: None) -> 
     warnings = list(selection.warnings)
     worse = {**WORSE, **(DEEP_WORSE if req.deep else {})}
     videos = list(dict.fromkeys(selection.videos))
+    scenes = {ref: world_scene(ref.prompt or prompt_from_metadata(ref.path)) for ref in videos}
+    if any(scenes.values()):
+        worse.update(WORLD_WORSE)
     results: dict[VideoRef, dict] = {}
     for n, ref in enumerate(videos):
         on_video(n, len(videos), ref.label)
-        results[ref] = evaluate_video(ref, req, scorer, worse, warnings)
+        results[ref] = evaluate_video(ref, req, scorer, worse, warnings, scenes[ref])
     on_video(len(videos), len(videos), "")
     comparisons = [diff for c in selection.comparisons for diff in compare(c, results, list(worse), warnings)]
     return {"window_s": req.window_s, "metrics": list(worse), "videos": list(results.values()),
             "comparisons": comparisons, "warnings": warnings}
 
 
-def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, warnings: list[str]) -> dict:
-    """Decode once; per-frame features -> windows -> summary (plus CLIP scores with --deep)."""
+def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, warnings: list[str],
+                   scene=None) -> dict:
+    """Decode once; per-frame features -> windows -> summary (plus CLIP scores with --deep, and the world
+    metrics when the prompt is a world-grammar sentence)."""
     meta, frames = read_video(ref.path)
     features = FrameFeatures()
     sampler = scorer.sampler(meta.fps) if scorer is not None else None
+    track = WorldTrack(scene) if scene is not None else None
     for frame in frames:
         features.add(frame)
         if sampler is not None:
             sampler.add(frame)
+        if track is not None:
+            track.add(frame)
     windows = window_metrics(features, meta.fps, req.window_s)
     result = {"label": ref.label, "path": str(ref.path), "policy": ref.policy, "fps": meta.fps,
               "width": meta.width, "height": meta.height, "frames": len(features),
@@ -70,6 +80,8 @@ def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, war
                             "clip_text left out")
         add_deep_windows(windows, sampler.indices, scorer.frame_scores(sampler, prompt), meta.fps)
         result["prompt"] = prompt
+    if track is not None and windows:
+        result["world"] = add_world_windows(windows, track, meta.fps)
     result["windows"] = windows
     result["summary"] = summarize(windows, worse)
     return result

@@ -1,0 +1,20 @@
+"""The embedded default model, trained on the world (torch-free data): the real Wan classes at toy sizes.
+
+scripts/train_world.py trains these from scratch on 2 CPU cores; the weights ship in the package as a
+diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) and load through the ordinary real-weights
+path, as `--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS` would.
+"""
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "world"
+
+HEIGHT, WIDTH = 64, 96
+WORLD_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=64, freq_dim=64, ffn_dim=384, num_layers=6, cross_attn_norm=True, eps=1e-6,
+)
+WORLD_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                 temperal_downsample=[False, True, True])
+WORLD_TEXT = dict(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=64)
