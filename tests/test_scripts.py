@@ -43,3 +43,43 @@ def test_bench_profile_tiny(tmp_path):
     report, _, _ = run_script("bench_profile.py", "--shape", "tiny", "--device", "cpu", "--seconds", "3",
                               tmp_path=tmp_path)
     assert report["latent_frames"] == 12 and report["plain_s"] > 0 and report["capture_s"] > 0
+
+
+def test_train_world_smoke_runs_every_stage_and_its_folder_generates(tmp_path):
+    """scripts/train_world.py --smoke: VAE, latents, DiT, export; the folder loads through the real-weights path."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "train_world.py"), "--out", str(out), "--smoke",
+                             "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = {json.loads(line)["stage"] for line in (out / "log.jsonl").read_text().splitlines()}
+    assert stages == {"vae", "dit", "done"}
+    folder = out / "world"
+    video = tmp_path / "smoke.mp4"
+    result = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--checkpoint", str(folder / "transformer"),
+                             "--wan-dir", str(folder), "--config", "tiny", "--policy", "rolling", "--frames", "13",
+                             "--threads", "1", "-o", str(video)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from pfgen.video import decoded_frames
+
+    assert decoded_frames(video) == 13
+
+
+def test_train_world_mask_is_the_rolling_cache():
+    """Each query frame of the training sequence sees exactly what the rolling cache (sink 3 + window 21,
+    chunks of 3) holds when that chunk runs: its own chunk (clean queries: clean keys; noisy: noisy keys)
+    and the clean frames of earlier chunks that are in the cache."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    from train_world import rolling_mask
+
+    frames, targets = 27, torch.tensor([3, 4, 5, 24, 25, 26])
+    mask = rolling_mask(frames, targets, 1)
+    queries = list(range(frames)) + targets.tolist()
+    for row, t in enumerate(queries):
+        noisy = row >= frames
+        end = t // 3 * 3 + 2
+        cached = {j for j in range(end + 1) if j < 3 or j > end - 18}
+        clean = {j for j in cached if (j // 3 < t // 3) or (not noisy and j // 3 == t // 3)}
+        noisy_keys = {frames + i for i, f in enumerate(targets.tolist()) if noisy and f // 3 == t // 3}
+        assert set(mask[row].nonzero().flatten().tolist()) == clean | noisy_keys, (row, t)

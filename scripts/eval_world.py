@@ -1,0 +1,289 @@
+"""Measure the embedded world model against docs/world.md's targets, and the cache experiment.
+
+    python scripts/eval_world.py targets --out runs/eval            # VAE PSNR, 0-10 s / 50-60 s, motion
+    python scripts/eval_world.py policies --seconds 300 --pairs 8 --out runs/eval   # rolling/pyramid/full
+    python scripts/eval_world.py switch --out runs/eval             # --then 5 with --recache / --no-recache
+    python scripts/eval_world.py speed                               # fps and first-frame latency
+
+Every video comes from held-out (prompt, seed) pairs: prompts of the held-out split (a green triangle, an
+orange square or a striped brown background; pfgen/world/grammar.py), never seen in training, with noise
+seeds 1000+. Each video is scored on the fly with the world scorer (pfgen/world/score.py), so memory stays
+bounded at any length. Results are JSON files in --out; figures are means over videos with 95 % bootstrap
+confidence intervals (2000 resamples of the videos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FPS = 16
+
+
+def heldout_pairs(count: int) -> list[tuple[str, int]]:
+    """`count` held-out (prompt, seed) pairs, deterministic; every fourth forced to two objects on stripes."""
+    from pfgen.world.grammar import sample_scene
+
+    rng = np.random.default_rng(2026)
+    pairs = []
+    while len(pairs) < count:
+        scene = sample_scene(rng, held_out=True)
+        if len(pairs) % 4 == 3 and (len(scene.things) < 2 or not scene.striped):
+            continue
+        pairs.append((scene.prompt, 1000 + len(pairs)))
+    return pairs
+
+
+def load(threads: int):
+    import torch
+
+    from pfgen.pipeline import load_pipeline
+
+    torch.set_num_threads(threads)
+    return load_pipeline()
+
+
+def run_video(pipe, prompt: str, seed: int, seconds: float, policy: str, timeline=None, recache=True,
+              also=None):
+    """(WorldTrack of the video, wall seconds); frames are scored as they stream, against `prompt` and, when
+    given, also against the prompt `also` (its track is the third item)."""
+    import torch
+
+    from pfgen.frames import frames_for_seconds
+    from pfgen.video import to_uint8_frames
+    from pfgen.world.grammar import parse
+    from pfgen.world.score import WorldTrack
+
+    track = WorldTrack(parse(prompt))
+    other = WorldTrack(parse(also)) if also else None
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    kwargs = dict(timeline=timeline, recache=recache) if timeline else dict(prompt=prompt)
+    for chunk in pipe.stream(num_frames=frames_for_seconds(seconds, FPS), generator=generator, policy=policy,
+                             **kwargs):
+        for frame in to_uint8_frames(chunk.frames[0]):
+            track.add(frame)
+            if other is not None:
+                other.add(frame)
+    if other is not None:
+        return track, time.perf_counter() - started, other
+    return track, time.perf_counter() - started
+
+
+def bootstrap(values, resamples: int = 2000) -> dict:
+    """Mean and 95 % percentile-bootstrap interval over videos."""
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(values) == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    rng = np.random.default_rng(0)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    return {"mean": float(values.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "n": int(len(values))}
+
+
+def span(track, start_s: float, end_s: float) -> dict:
+    """Shares of frames in [start_s, end_s) with the background right / each object present."""
+    window = track.window(int(start_s * FPS), int(end_s * FPS), FPS)
+    return {"background": window["world_background"], "objects": window["world_objects_each"],
+            "spurious": window["world_spurious"], "stability": window["world_stability"]}
+
+
+def video_row(track, seconds: float, wall: float) -> dict:
+    from pfgen.world.score import period_ok
+
+    total = len(track.right)
+    windows = [track.window(s, s + FPS, FPS) for s in range(0, total - FPS + 1, FPS)]
+    periods = track.periods()
+    return {"prompt": track.scene.prompt, "seconds": seconds, "wall_s": wall, "frames": total,
+            "first_10s": span(track, 0, 10), "last_10s": span(track, seconds - 10, seconds),
+            "periods": [{**p, "ok": period_ok(p)} for p in periods],
+            "per_second": {k: [w[k] for w in windows] for k in ("world_background", "world_objects",
+                                                                   "world_spurious", "world_stability")}}
+
+
+def summarize_rows(rows: list[dict]) -> dict:
+    def share_ok(key, part, threshold):
+        values = []
+        for row in rows:
+            entry = row[part]
+            values.append(float(entry["background"] >= threshold) if key == "background" else
+                          float(min(entry["objects"]) >= threshold))
+        return bootstrap(values)
+
+    periods = [p["ok"] for row in rows for p in row["periods"] if p["ok"] is not None]
+    return {
+        "videos": len(rows),
+        "background_first_10s": bootstrap([r["first_10s"]["background"] for r in rows]),
+        "objects_first_10s": bootstrap([min(r["first_10s"]["objects"]) for r in rows]),
+        "background_last_10s": bootstrap([r["last_10s"]["background"] for r in rows]),
+        "objects_last_10s": bootstrap([min(r["last_10s"]["objects"]) for r in rows]),
+        "spurious_last_10s": bootstrap([r["last_10s"]["spurious"] for r in rows]),
+        "stability_last_10s": bootstrap([r["last_10s"]["stability"] for r in rows]),
+        "period_within_15pct": {"share": float(np.mean(periods)) if periods else None, "objects": len(periods)},
+        "per_second_mean": {k: np.mean([r["per_second"][k] for r in rows], axis=0).round(4).tolist()
+                            for k in rows[0]["per_second"]},
+    }
+
+
+def vae_psnr(pipe, clips: int = 24, frames: int = 33) -> dict:
+    """Reconstruction PSNR (dB) of the shipped VAE on held-out clips rendered by the world."""
+    import torch
+
+    from pfgen.world.grammar import parse
+    from pfgen.world.model import HEIGHT, WIDTH
+    from pfgen.world.render import WorldVideo
+
+    scores = []
+    with torch.no_grad():
+        for prompt, seed in heldout_pairs(clips):
+            video = WorldVideo(parse(prompt), seed, HEIGHT, WIDTH).frames(0, frames)
+            x = torch.from_numpy(video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0)[None]
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            mse = float(((y - x) ** 2).mean())
+            scores.append(10 * np.log10(4.0 / mse))
+    return bootstrap(scores)
+
+
+def cmd_targets(args) -> dict:
+    pipe = load(args.threads)
+    out = {"vae_psnr_db": vae_psnr(pipe)}
+    rows = []
+    for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
+        track, wall = run_video(pipe, prompt, seed, args.seconds, args.policy or pipe.config.cache.policy)
+        rows.append(video_row(track, args.seconds, wall))
+        print(f"{n + 1}/{args.pairs} {wall:.1f}s {prompt}", file=sys.stderr, flush=True)
+    out.update(policy=args.policy or pipe.config.cache.policy, summary=summarize_rows(rows), rows=rows)
+    return out
+
+
+def cmd_policies(args) -> dict:
+    pipe = load(args.threads)
+    out = {"seconds": args.seconds, "policies": {}}
+    for policy in ("rolling", "pyramid", "full"):
+        rows = []
+        for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
+            track, wall = run_video(pipe, prompt, seed, args.seconds, policy)
+            rows.append(video_row(track, args.seconds, wall))
+            print(f"{policy} {n + 1}/{args.pairs} {wall:.1f}s", file=sys.stderr, flush=True)
+        out["policies"][policy] = {"summary": summarize_rows(rows), "rows": rows}
+    return out
+
+
+def switch_pairs(count: int) -> list[tuple[str, str, int]]:
+    """(prompt, the same scene with the first object in another colour, seed), held-out prompts."""
+    from dataclasses import replace
+
+    from pfgen.world.grammar import OBJECT_COLOURS, Scene, parse
+
+    out = []
+    for prompt, seed in heldout_pairs(count):
+        scene = parse(prompt)
+        used = {t.colour for t in scene.things}
+        colour = next(c for c in OBJECT_COLOURS if c not in used)
+        things = (replace(scene.things[0], colour=colour),) + scene.things[1:]
+        out.append((prompt, Scene(things, scene.background, scene.striped).prompt, seed))
+    return out
+
+
+def switch_row(track_new, track_old, at_s: float, width: int) -> dict:
+    """When the first object shows the new colour after the switch, and how far its centre jumped from the
+    old-colour object's centre in the last frame before the switch."""
+    track_new.window(0, 1, 1), track_old.window(0, 1, 1)  # flush the scored frames
+    start = int(at_s * FPS)
+    present = np.array(track_new.present)[:, 0]
+    centres_new = np.stack(track_new.centres)[:, 0]
+    centres_old = np.stack(track_old.centres)[:, 0]
+    after = np.nonzero(present[start:])[0]
+    if len(after) == 0:
+        return {"changed_after_s": None, "jump_share_of_width": None}
+    first = start + int(after[0])
+    before = centres_old[start - 1]
+    jump = float(np.hypot(*(centres_new[first] - before))) if not np.isnan(before).any() else None
+    return {"changed_after_s": (first - start) / FPS,
+            "jump_share_of_width": None if jump is None else jump / width}
+
+
+def cmd_switch(args) -> dict:
+    from pfgen.world.model import WIDTH
+
+    pipe = load(args.threads)
+    out = {"at_s": args.at, "seconds": args.seconds}
+    for recache in (True, False):
+        rows = []
+        for old, new, seed in switch_pairs(args.pairs):
+            track, _, old_track = run_video(pipe, new, seed, args.seconds, pipe.config.cache.policy,
+                                            timeline=[(0.0, old), (args.at, new)], recache=recache, also=old)
+            rows.append({"from": old, "to": new, **switch_row(track, old_track, args.at, WIDTH)})
+        changed = [r["changed_after_s"] for r in rows]
+        out["recache" if recache else "no_recache"] = {
+            "within_1s": float(np.mean([c is not None and c <= 1.0 for c in changed])),
+            "changed_after_s": bootstrap(changed),
+            "jump_share_of_width": bootstrap([r["jump_share_of_width"] for r in rows]),
+            "jump_under_10pct": float(np.mean([j is not None and j < 0.10 for j in
+                                               (r["jump_share_of_width"] for r in rows)])),
+            "rows": rows}
+    return out
+
+
+def cmd_speed(args) -> dict:
+    """fps of generate on the default config (decode and mp4 included) and the first frame's latency."""
+    import tempfile
+
+    import torch
+
+    from pfgen.frames import frames_for_seconds
+    from pfgen.video import Mp4Writer, to_uint8_frames
+
+    started = time.perf_counter()
+    pipe = load(args.threads)
+    loaded = time.perf_counter() - started
+    prompt = "a red ball circling and a yellow square bouncing on a striped navy background"
+    num_frames = frames_for_seconds(args.seconds, FPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        begin = time.perf_counter()
+        first = None
+        count = 0
+        cfg = pipe.config.video
+        with Mp4Writer(Path(tmp) / "speed.mp4", cfg.width, cfg.height, cfg.fps) as writer:
+            for chunk in pipe.stream(prompt, num_frames=num_frames, generator=torch.Generator().manual_seed(0)):
+                frames = to_uint8_frames(chunk.frames[0])
+                first = first or time.perf_counter() - begin
+                count += len(frames)
+                writer.write(frames)
+        wall = time.perf_counter() - begin
+    return {"threads": args.threads, "load_s": loaded, "first_frame_s": first, "frames": count, "wall_s": wall,
+            "fps": count / wall, "policy": pipe.config.cache.policy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("targets", "policies", "switch", "speed"))
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
+    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--policy", default=None)
+    parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    args = parser.parse_args()
+    if args.command == "switch" and args.seconds == 60.0:
+        args.seconds = 10.0
+    if args.command == "speed" and args.seconds == 60.0:
+        args.seconds = 10.0
+    result = {"targets": cmd_targets, "policies": cmd_policies, "switch": cmd_switch, "speed": cmd_speed}[
+        args.command](args)
+    text = json.dumps(result, indent=1)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.command}{args.tag}.json").write_text(text)
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    print(json.dumps(summary, indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()

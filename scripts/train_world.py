@@ -1,0 +1,413 @@
+"""Train the embedded world model from scratch on 2 CPU cores: VAE, then latents, then DiT + text encoder.
+
+    python scripts/train_world.py --out runs/world            # the shipped weights (resumable)
+    python scripts/train_world.py --out /tmp/w --smoke        # every stage for a few steps (CI)
+
+Stages, each resumable from checkpoints written every few minutes into --out:
+1. vae:     AutoencoderKLWan on 5-frame world clips (random 32x48 crops, then full 64x96 frames); loss
+            L1 + MSE + a small KL. The latent statistics are measured afterwards and stored in the VAE config
+            (latents_mean / latents_std), as the real Wan VAE does.
+2. latents: a fixed pool of training clips (prompt, seed) encoded once (posterior means, normalised).
+3. dit:     WanTransformer3DModel + a umT5 encoder on byte tokens, chunk-causal flow matching under the
+            inference attention pattern: the sequence is [clean context | noisy chunks]; each noisy chunk
+            sees its own frames and the clean frames of earlier chunks, each clean chunk the clean frames up to
+            itself, all through the rolling cache's mask (sink 3 + window 21, chunk 3) on clips longer than
+            the window. Per-chunk noise levels are independent (diffusion forcing), the clean context is
+            lightly re-noised (the model learns to live with its own imperfect history), and both copies
+            share temporal RoPE positions, exactly as cached frames are read at inference.
+The result is a diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that loads through the
+ordinary real-weights path (`--checkpoint DIR/transformer --wan-dir DIR`). A log of losses and evaluation
+figures goes to --out/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pfgen.config import RollingConfig
+from pfgen.world.grammar import sample_scene
+from pfgen.world.render import WorldVideo
+from pfgen.world.model import HEIGHT, WIDTH, WORLD_TEXT, WORLD_TRANSFORMER, WORLD_VAE
+
+FRAMES_PER_CHUNK = 3
+CLIP_LATENTS = 27  # 9 chunks: longer than the 21-frame window, so training sees the rolling cache evict
+CHECKPOINT_SECONDS = 300
+TARGET_CHUNKS = 3  # noisy chunks per clip and step (each costs a chunk of tokens)
+
+
+class Run:
+    """Settings of one training run; --smoke shrinks every stage to a few steps."""
+
+    def __init__(self, args):
+        self.out, self.seed, self.smoke = Path(args.out), args.seed, args.smoke
+        self.vae_steps = 6 if args.smoke else args.vae_steps
+        self.vae_full_steps = 2 if args.smoke else args.vae_steps // 6
+        self.pool = 4 if args.smoke else args.pool
+        self.clip_latents = 9 if args.smoke else CLIP_LATENTS
+        self.dit_steps = 6 if args.smoke else args.dit_steps
+        self.dit_batch = 2 if args.smoke else args.dit_batch
+        self.log_path = self.out / "log.jsonl"
+
+    def log(self, **row) -> None:
+        row["time"] = round(time.time(), 1)
+        print(json.dumps(row), flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rng(self, *key: int) -> np.random.Generator:
+        """A generator for one step of one stage: data is a pure function of (seed, stage, step)."""
+        return np.random.default_rng([self.seed, *key])
+
+
+def world_clip(rng, frames: int, held_out: bool = False) -> np.ndarray:
+    """(3, frames, H, W) float32 in [-1, 1] of a random scene from video frame 0."""
+    scene = sample_scene(rng, held_out=held_out)
+    video = WorldVideo(scene, int(rng.integers(1 << 31)), HEIGHT, WIDTH).frames(0, frames)
+    return video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0, scene.prompt
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ---- stage 1: VAE -------------------------------------------------------------------------------------------
+
+def vae_phase(run: Run, step: int) -> tuple[int, int, int, int]:
+    """(clips, frames, height, width) of a VAE step: first single frames (the spatial code is learnt ~5x
+    cheaper per step), then 5-frame clips (the causal temporal path), both as 32x48 crops; last full frames."""
+    if step >= run.vae_steps - run.vae_full_steps:
+        return 2, 5, HEIGHT, WIDTH
+    if step < run.vae_steps // 2:
+        return 16, 1, 32, 48
+    return 8, 5, 32, 48
+
+
+def vae_batch(run: Run, step: int) -> torch.Tensor:
+    rng = run.rng(1, step)
+    count, frames, h, w = vae_phase(run, step)
+    clips = []
+    for _ in range(count):
+        scene = sample_scene(rng)
+        start = int(rng.integers(0, 64))
+        video = WorldVideo(scene, int(rng.integers(1 << 31)), HEIGHT, WIDTH).frames(start, frames)
+        y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
+        clips.append(video[:, y:y + h, x:x + w].transpose(3, 0, 1, 2))
+    return torch.from_numpy(np.stack(clips).astype(np.float32) / 127.5 - 1.0)
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode` without its final clamp to [-1, 1], which would zero the gradient of every saturated pixel
+    (the same frame-by-frame causal decode otherwise)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.clamp(-1, 1), b.clamp(-1, 1)).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def vae_psnr(vae, run: Run, clips: int = 8, frames: int = 17) -> float:
+    """Reconstruction PSNR on held-out clips (held-out scenes, unseen seeds), full size."""
+    rng = run.rng(9, 0)
+    scores = []
+    for _ in range(clips):
+        x = torch.from_numpy(world_clip(rng, frames, held_out=True)[0])[None]
+        scores.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x))
+    return float(np.mean(scores))
+
+
+def train_vae(run: Run):
+    from diffusers import AutoencoderKLWan
+
+    final = run.out / "vae.pt"
+    torch.manual_seed(run.seed)
+    vae = AutoencoderKLWan(**WORLD_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
+    step = 0
+    ckpt = run.out / "ckpt-vae.pt"
+    if final.exists():
+        vae.load_state_dict(torch.load(final)["vae"])
+        return vae.eval()
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+    last = time.time()
+    while step < run.vae_steps:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / run.vae_steps)) + 2e-5
+        x = vae_batch(run, step)
+        posterior = vae.encode(x).latent_dist
+        # The posterior mean, not a sample: the DiT stage encodes with the mean too, and early sampling noise
+        # (unit variance at initialisation) would drown the reconstruction signal. The KL term keeps the
+        # latents' scale in check.
+        y = decode_unclamped(vae, posterior.mode())
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0 or run.smoke:
+            run.log(stage="vae", step=step, loss=round(loss.item(), 5), psnr_db=round(psnr(y.detach(), x), 2),
+                    shape=list(x.shape[2:]))
+        if time.time() - last > CHECKPOINT_SECONDS:
+            save_checkpoint(ckpt, vae=vae.state_dict(), opt=opt.state_dict(), step=step)
+            last = time.time()
+    vae.eval()
+    run.log(stage="vae", step=step, heldout_psnr_db=round(vae_psnr(vae, run, 2 if run.smoke else 8), 2))
+    save_checkpoint(final, vae=vae.state_dict())
+    ckpt.unlink(missing_ok=True)
+    return vae
+
+
+# ---- stage 2: latents ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
+    """A fixed pool of training clips as raw posterior means (N, 16, T, h, w), and their prompts."""
+    path = run.out / "latents.pt"
+    if path.exists():
+        data = torch.load(path)
+        return data["latents"], data["prompts"]
+    frames = 1 + 4 * (run.clip_latents - 1)
+    latents, prompts = [], []
+    for i in range(run.pool):
+        clip, prompt = world_clip(run.rng(2, i), frames)
+        latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
+        prompts.append(prompt)
+        if (i + 1) % 100 == 0:
+            run.log(stage="latents", clips=i + 1)
+    data = {"latents": torch.stack(latents), "prompts": prompts}
+    save_checkpoint(path, **data)
+    return data["latents"], prompts
+
+
+# ---- stage 3: DiT + text encoder ----------------------------------------------------------------------------
+
+class MaskedSelfAttention:
+    """attn1 with RoPE and a boolean attention mask shared by all layers (set per batch shape)."""
+
+    mask: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb
+
+        def rot(x):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.empty_like(x)
+            out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+            out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+            return out
+
+        out = F.scaled_dot_product_attention(rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=MaskedSelfAttention.mask)
+        return attn.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class TargetRoPE(torch.nn.Module):
+    """RoPE for [clean clip | noisy target frames]: the noisy copies take their own frames' positions."""
+
+    targets: torch.Tensor | None = None  # frame index of each noisy frame, set per batch
+
+    def __init__(self, rope):
+        super().__init__()
+        self.rope = rope
+
+    def forward(self, hidden_states):
+        frames = hidden_states.shape[2] - len(self.targets)
+        cos, sin = self.rope(hidden_states[:, :, :frames])
+        tokens = cos.shape[1] // frames
+        rows = (self.targets[:, None] * tokens + torch.arange(tokens)).flatten()
+        return torch.cat([cos, cos[:, rows]], dim=1), torch.cat([sin, sin[:, rows]], dim=1)
+
+
+def rolling_mask(frames: int, targets: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Boolean token mask of [clean clip | noisy target frames] under the rolling cache (sink + window).
+
+    A clean frame sees the clean frames of its chunk and of earlier chunks; a noisy frame sees the clean
+    frames of earlier chunks and the noisy frames of its own chunk; both only within the cache."""
+    rolling = RollingConfig()
+    clean = torch.arange(frames)
+    query = torch.cat([clean, targets])
+    chunk_q, chunk_k = query // FRAMES_PER_CHUNK, clean // FRAMES_PER_CHUNK
+    last = chunk_q * FRAMES_PER_CHUNK + FRAMES_PER_CHUNK - 1
+    in_cache = (clean[None, :] < rolling.sink) | (clean[None, :] > last[:, None] - (rolling.window - rolling.sink))
+    is_noisy = (torch.arange(len(query)) >= frames)[:, None]
+    to_clean = in_cache & ((chunk_k[None, :] < chunk_q[:, None]) | (~is_noisy & (chunk_k[None, :] == chunk_q[:, None])))
+    target_chunk = targets // FRAMES_PER_CHUNK
+    to_noisy = is_noisy & (target_chunk[None, :] == chunk_q[:, None])
+    frame_mask = torch.cat([to_clean, to_noisy], dim=1)
+    return frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+
+
+def build_dit():
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    transformer = WanTransformer3DModel(**WORLD_TRANSFORMER)
+    text = UMT5EncoderModel(UMT5Config(**WORLD_TEXT, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return transformer, text
+
+
+def encode_text(text, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, 512, d) like pfgen's PromptEncoder, but the encoder runs only over the longest prompt."""
+    from pfgen.wan.text import TEXT_TOKENS
+
+    ids = tokenizer(prompts, padding="longest", add_special_tokens=True, return_tensors="pt")
+    out = text(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+    out = out * ids.attention_mask[..., None]
+    return F.pad(out, (0, 0, 0, TEXT_TOKENS - out.shape[1]))
+
+
+def sample_sigmas(rng, batch: int, chunks: int) -> np.ndarray:
+    """Per-chunk noise levels: half uniform, half logit-normal around the middle (diffusion forcing)."""
+    uniform = rng.uniform(0.0, 1.0, (batch, chunks))
+    logit = 1 / (1 + np.exp(-rng.normal(0.0, 1.0, (batch, chunks))))
+    return np.where(rng.random((batch, chunks)) < 0.5, uniform, logit).clip(1e-3, 1.0)
+
+
+def dit_loss(transformer, text, tokenizer, latents, prompts, rng) -> torch.Tensor:
+    """Flow-matching loss on TARGET_CHUNKS random chunks of each clip, given the clean clip as history."""
+    batch, _, frames, h, w = latents.shape
+    chunks = rng.choice(frames // FRAMES_PER_CHUNK, size=TARGET_CHUNKS, replace=False)
+    targets = torch.from_numpy(np.sort(chunks)[:, None] * FRAMES_PER_CHUNK + np.arange(FRAMES_PER_CHUNK)).flatten()
+    x0 = latents[:, :, targets]
+    sigma = torch.from_numpy(sample_sigmas(rng, batch, TARGET_CHUNKS)).float()
+    sigma_frames = sigma.repeat_interleave(FRAMES_PER_CHUNK, dim=1)[:, None, :, None, None]
+    noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+    noisy = (1 - sigma_frames) * x0 + sigma_frames * noise
+    context_sigma = torch.from_numpy(rng.uniform(0.0, 0.08, (batch, 1, 1, 1, 1)).astype(np.float32))
+    context_noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
+    context = (1 - context_sigma) * latents + context_sigma * context_noise
+    tokens = (h // 2) * (w // 2)
+    t_noisy = sigma.repeat_interleave(FRAMES_PER_CHUNK * tokens, dim=1) * 1000.0
+    timestep = torch.cat([torch.zeros(batch, frames * tokens), t_noisy], dim=1)
+    MaskedSelfAttention.mask = rolling_mask(frames, targets, tokens)
+    TargetRoPE.targets = targets
+    pred = transformer(torch.cat([context, noisy], dim=2), timestep=timestep,
+                       encoder_hidden_states=encode_text(text, tokenizer, prompts), return_dict=False)[0]
+    return F.mse_loss(pred[:, :, frames:], noise - x0)
+
+
+def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(run.seed + 1)
+    transformer, text = build_dit()
+    for block in transformer.blocks:
+        block.attn1.set_processor(MaskedSelfAttention())
+    transformer.rope = TargetRoPE(transformer.rope)
+    tokenizer = ByT5Tokenizer()
+    params = list(transformer.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    ema = [p.detach().clone() for p in params]
+    step, ckpt, last = 0, run.out / "ckpt-dit.pt", time.time()
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        transformer.load_state_dict(state["transformer"]), text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema, step = state["ema"], state["step"]
+    transformer.train(), text.train()
+    while step < run.dit_steps:
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * warm * (0.5 * (1 + math.cos(math.pi * step / run.dit_steps)) * 0.95 + 0.05)
+        rng = run.rng(3, step)
+        pick = rng.choice(len(pool), size=run.dit_batch, replace=False)
+        loss = dit_loss(transformer, text, tokenizer, pool[pick], [prompts[i] for i in pick], rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        step += 1
+        if step % 50 == 0 or run.smoke:
+            run.log(stage="dit", step=step, loss=round(loss.item(), 5), lr=round(opt.param_groups[0]["lr"], 6))
+        if time.time() - last > CHECKPOINT_SECONDS:
+            save_checkpoint(ckpt, transformer=transformer.state_dict(), text=text.state_dict(),
+                            opt=opt.state_dict(), ema=ema, step=step)
+            last = time.time()
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return transformer.eval(), text.eval(), tokenizer
+
+
+# ---- the shipped folder -------------------------------------------------------------------------------------
+
+def latent_statistics(pool: torch.Tensor) -> tuple[list[float], list[float]]:
+    channels = pool.transpose(0, 1).flatten(1)
+    return channels.mean(1).tolist(), channels.std(1).tolist()
+
+
+def export(run: Run, vae, transformer, text, tokenizer, mean, std) -> Path:
+    """The diffusers folder; weights in float16 to halve the size (pfgen casts on load)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    folder = run.out / "world"
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    fresh = WanTransformer3DModel(**WORLD_TRANSFORMER)  # default processors and RoPE: a plain diffusers model
+    fresh.load_state_dict(transformer.state_dict())
+    fresh.save_pretrained(folder / "transformer", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    AutoencoderKLWan.from_pretrained(folder / "vae")  # loads back, or fails here rather than at the user's
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="working folder: checkpoints, log, and the result in OUT/world")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="every stage for a few steps")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--pool", type=int, default=800, help="training clips encoded for the DiT stage")
+    parser.add_argument("--dit-steps", type=int, default=1800)
+    parser.add_argument("--dit-batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Run(args)
+    run.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    vae = train_vae(run).requires_grad_(False)
+    raw, prompts = encode_pool(vae, run)
+    mean, std = latent_statistics(raw)
+    view = (1, -1, 1, 1, 1)
+    pool = (raw - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
+    transformer, text, tokenizer = train_dit(run, pool, prompts)
+    folder = export(run, vae, transformer, text, tokenizer, mean, std)
+    run.log(stage="done", folder=str(folder), minutes=round((time.time() - started) / 60, 1))
+
+
+if __name__ == "__main__":
+    main()
