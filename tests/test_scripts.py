@@ -56,12 +56,12 @@ def test_train_world_smoke_runs_every_stage_and_its_folder_generates(tmp_path):
     folder = out / "world"
     video = tmp_path / "smoke.mp4"
     result = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--checkpoint", str(folder / "transformer"),
-                             "--wan-dir", str(folder), "--config", "tiny", "--policy", "rolling", "--frames", "13",
+                             "--wan-dir", str(folder), "--config", "tiny", "--policy", "rolling", "--frames", "21",
                              "--threads", "1", "-o", str(video)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     from pfgen.video import decoded_frames
 
-    assert decoded_frames(video) == 13
+    assert decoded_frames(video) == 21
 
 
 def test_train_world_mask_is_the_rolling_cache():
