@@ -50,7 +50,6 @@ class Run:
     def __init__(self, args):
         self.out, self.seed, self.smoke = Path(args.out), args.seed, args.smoke
         self.vae_steps = 6 if args.smoke else args.vae_steps
-        self.vae_full_steps = 2 if args.smoke else args.vae_steps // 6
         self.pool = 4 if args.smoke else args.pool
         self.clip_latents = 9 if args.smoke else CLIP_LATENTS
         self.dit_steps = 6 if args.smoke else args.dit_steps
@@ -84,13 +83,20 @@ def save_checkpoint(path: Path, **state) -> None:
 # ---- stage 1: VAE -------------------------------------------------------------------------------------------
 
 def vae_phase(run: Run, step: int) -> tuple[int, int, int, int]:
-    """(clips, frames, height, width) of a VAE step: first single frames (the spatial code is learnt ~5x
-    cheaper per step), then 5-frame clips (the causal temporal path), both as 32x48 crops; last full frames."""
-    if step >= run.vae_steps - run.vae_full_steps:
-        return 2, 5, HEIGHT, WIDTH
-    if step < run.vae_steps // 2:
-        return 16, 1, 32, 48
-    return 8, 5, 32, 48
+    """(clips, frames, height, width) of a VAE step, as 32x48 crops until the last phase:
+    - single frames first: the spatial code is learnt ~5x cheaper per step;
+    - 5-frame clips (2 latent frames): the causal temporal path;
+    - 13-frame clips (4 latent frames): the steady state of the causal caches, where a latent frame follows
+      another non-first one (a VAE trained on 2 latent frames only breaks down from the third on);
+    - full 64x96 frames of 13-frame clips last."""
+    share = step / run.vae_steps
+    if share >= 0.9:
+        return 1, 13, HEIGHT, WIDTH
+    if share >= 0.7:
+        return 4, 13, 32, 48
+    if share >= 0.4:
+        return 8, 5, 32, 48
+    return 16, 1, 32, 48
 
 
 def vae_batch(run: Run, step: int) -> torch.Tensor:
@@ -390,8 +396,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="every stage for a few steps")
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--pool", type=int, default=800, help="training clips encoded for the DiT stage")
-    parser.add_argument("--dit-steps", type=int, default=1800)
+    parser.add_argument("--pool", type=int, default=600, help="training clips encoded for the DiT stage")
+    parser.add_argument("--dit-steps", type=int, default=1000)
     parser.add_argument("--dit-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -1,13 +1,9 @@
-"""The embedded default model, trained on the world (torch-free data): the real Wan classes at toy sizes.
+"""The world model's architecture (torch-free data): the real Wan classes at toy sizes, 64x96 video.
 
-scripts/train_world.py trains these from scratch on 2 CPU cores; the weights ship in the package as a
-diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) and load through the ordinary real-weights
-path, as `--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS` would.
+scripts/train_world.py trains these from scratch on 2 CPU cores and writes a diffusers folder (transformer/,
+vae/, text_encoder/, tokenizer/) that loads through the ordinary real-weights path
+(`--checkpoint DIR/transformer --wan-dir DIR`). docs/world.md says where its training stands.
 """
-
-from pathlib import Path
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "world"
 
 HEIGHT, WIDTH = 64, 96
 WORLD_TRANSFORMER = dict(
