@@ -1,9 +1,9 @@
-"""Measure the embedded world model against docs/world.md's targets, and the cache experiment.
+"""Measure a trained world model (scripts/train_world.py's OUT/world) against docs/world.md's targets.
 
-    python scripts/eval_world.py targets --out runs/eval            # VAE PSNR, 0-10 s / 50-60 s, motion
-    python scripts/eval_world.py policies --seconds 300 --pairs 8 --out runs/eval   # rolling/pyramid/full
-    python scripts/eval_world.py switch --out runs/eval             # --then 5 with --recache / --no-recache
-    python scripts/eval_world.py speed                               # fps and first-frame latency
+    python scripts/eval_world.py targets --model OUT/world --out runs/eval     # VAE PSNR, 0-10 s, 50-60 s, motion
+    python scripts/eval_world.py policies --model OUT/world --seconds 300 --pairs 8 --out runs/eval
+    python scripts/eval_world.py switch --model OUT/world --out runs/eval      # --then 5, re-cache or not
+    python scripts/eval_world.py speed --model OUT/world                        # fps, first-frame latency
 
 Every video comes from held-out (prompt, seed) pairs: prompts of the held-out split (a green triangle, an
 orange square or a striped brown background; pfgen/world/grammar.py), never seen in training, with noise
@@ -39,13 +39,24 @@ def heldout_pairs(count: int) -> list[tuple[str, int]]:
     return pairs
 
 
-def load(threads: int):
+def load(args):
+    """The world model of folder args.model at the world's size, through the real-weights path."""
+    from dataclasses import replace
+
     import torch
 
+    from pfgen.config import load_config
     from pfgen.pipeline import load_pipeline
+    from pfgen.world.model import HEIGHT, WIDTH
 
-    torch.set_num_threads(threads)
-    return load_pipeline()
+    cfg = load_config(None)
+    heads = str(args.heads) if args.heads else None  # pfgen profile-heads on the folder makes one
+    cfg = replace(cfg, video=replace(cfg.video, height=HEIGHT, width=WIDTH),
+                  cache=replace(cfg.cache, heads=heads, policy="pyramid" if heads else "rolling"))
+    pipe = load_pipeline(cfg, checkpoint=str(args.model / "transformer"), wan_dir=str(args.model),
+                         device="cpu", dtype="float32")
+    torch.set_num_threads(args.threads)
+    return pipe
 
 
 def run_video(pipe, prompt: str, seed: int, seconds: float, policy: str, timeline=None, recache=True,
@@ -150,7 +161,7 @@ def vae_psnr(pipe, clips: int = 24, frames: int = 33) -> dict:
 
 
 def cmd_targets(args) -> dict:
-    pipe = load(args.threads)
+    pipe = load(args)
     out = {"vae_psnr_db": vae_psnr(pipe)}
     rows = []
     for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
@@ -162,7 +173,9 @@ def cmd_targets(args) -> dict:
 
 
 def cmd_policies(args) -> dict:
-    pipe = load(args.threads)
+    if args.heads is None:
+        raise SystemExit("policies needs --heads (the model's head-type file, from pfgen profile-heads)")
+    pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
     for policy in ("rolling", "pyramid", "full"):
         rows = []
@@ -211,7 +224,7 @@ def switch_row(track_new, track_old, at_s: float, width: int) -> dict:
 def cmd_switch(args) -> dict:
     from pfgen.world.model import WIDTH
 
-    pipe = load(args.threads)
+    pipe = load(args)
     out = {"at_s": args.at, "seconds": args.seconds}
     for recache in (True, False):
         rows = []
@@ -240,7 +253,7 @@ def cmd_speed(args) -> dict:
     from pfgen.video import Mp4Writer, to_uint8_frames
 
     started = time.perf_counter()
-    pipe = load(args.threads)
+    pipe = load(args)
     loaded = time.perf_counter() - started
     prompt = "a red ball circling and a yellow square bouncing on a striped navy background"
     num_frames = frames_for_seconds(args.seconds, FPS)
@@ -263,6 +276,8 @@ def cmd_speed(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("targets", "policies", "switch", "speed"))
+    parser.add_argument("--model", type=Path, required=True, help="train_world.py's OUT/world folder")
+    parser.add_argument("--heads", type=Path, default=None, help="head-type file of the model (pyramid)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=60.0)
