@@ -22,7 +22,7 @@ _REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<file>
 WAN_PATTERNS = ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")
 # A diffusers transformer folder given as the checkpoint.
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
-ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS}
+ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "decoder": ("*.safetensors",)}
 
 
 @dataclass(frozen=True)

@@ -45,3 +45,17 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     transformer = load_transformer(model_cfg, dtype).to(dit_device)
     vae = load_vae(model_cfg.wan_dir, dtype).to(vae_device)
     return transformer, vae, load_prompt_encoder(model_cfg.wan_dir, dtype, text_device)
+
+
+def load_decoder(model_cfg, device, dtype):
+    """The tiny decoder for `model.decoder: tae` (None for `wan`): weights from `decoder_weights`, a path or a
+    Hub reference, by default the published taew2_1; the embedded tiny model gets seeded random weights."""
+    if model_cfg.decoder != "tae":
+        return None
+    from pfgen.hub import resolve
+    from pfgen.wan.tae import TAE_REFERENCE, load_tae
+
+    weights = model_cfg.decoder_weights
+    if weights is None and model_cfg.checkpoint is not None:
+        weights = TAE_REFERENCE
+    return load_tae(resolve(weights, "decoder"), device, dtype)

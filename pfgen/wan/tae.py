@@ -25,6 +25,11 @@ LATENT_CHANNELS = 16
 WIDTHS = (256, 128, 64, 64)  # channels of the three MemBlock groups and of the output convolution
 TIME_UPSCALE = (1, 2, 2)  # TGrow stride after each group: 4 video frames per latent frame
 TRIM = 3  # leading frames dropped (the Wan VAE's first latent frame is one video frame)
+# Transient bytes of decoding one latent frame (4 video frames) per output pixel, float32, measured on the CPU
+# (process RSS high-water mark over the decode minus the RSS before it): 1077 at 240x416, 954 per video frame at
+# 480x832, i.e. about 3,800 per pixel for the four frames. Chunks decode a latent frame at a time, so this
+# does not grow with the chunk; other dtypes scale with their item size.
+DECODE_BYTES_PER_PIXEL = 4 * 1000
 
 
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -164,8 +169,11 @@ class TaeStreamingDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, h, w) -> (B, 3, frames, H, W) in [-1, 1], one latent frame at a time (a quarter of a
+        3-frame chunk's transient memory; the MemBlock state makes it equal to decoding the chunk at once)."""
         dtype = next(self.tae.parameters()).dtype
-        frames = self.tae(latents.to(dtype), self.memory)
+        frames = torch.cat([self.tae(latents[:, :, i:i + 1].to(dtype), self.memory)
+                            for i in range(latents.shape[2])], 2)
         if not self.started:
             frames, self.started = frames[:, :, TRIM:], True
         return frames * 2 - 1
@@ -182,6 +190,11 @@ class TaeStreamingDecoder:
         device = next(self.tae.parameters()).device
         self.memory = [tensors[str(i)].to(device) if str(i) in tensors else None for i in range(meta["blocks"])]
         self.started = bool(meta["started"])
+
+
+def tae_decode_bytes(height: int, width: int, itemsize: int, batch: int = 1) -> int:
+    """Estimate of the streaming decode's transient memory (measured coefficient)."""
+    return batch * DECODE_BYTES_PER_PIXEL * height * width * itemsize // 4
 
 
 def tae_parameters() -> int:
