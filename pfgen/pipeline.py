@@ -194,7 +194,8 @@ class Pipeline:
         be saved and continued (`pfgen.state.save_state`). `timer(region)` returns a context manager entered
         around each chunk's "plan" and each self-attention call's "attention" (benchmarks). `image` (a path or
         PIL image; frame-wise students) is the first frame: resized and centre-cropped to the video, encoded by the
-        VAE and committed as frame 0 (pfgen.image); the video starts with its decoded picture."""
+        VAE and committed as frame 0 (pfgen.image); the video starts with its decoded picture. A tensor
+        (B, C, 1, h, w) is taken as the already encoded (normalised) latent of that frame."""
         if story is None:
             story = Story(self._entries(prompt, prompt_embeds, timeline, resume is not None), recache=recache)
         elif prompt is not None or prompt_embeds is not None or timeline is not None:
@@ -211,14 +212,18 @@ class Pipeline:
             if resume is not None:
                 raise PfgenError("latents (initial noise) cannot be given when resuming")
             total = self._check_latents(latents, grid)
+        pixels = None
         if image is not None:
             check_image_run(per_chunk, resume is not None, "image")
-            pixels = load_image(image, height, width)  # refused before any prompt is encoded
+            pixels = None if isinstance(image, torch.Tensor) else load_image(image, height, width)  # checked early
         story.begin(start, total, per_chunk, self.config.video.fps, self.encode_prompt)
         batch = resume.batch if resume is not None else story.first_embeds().shape[0]
-        if image is not None:
+        if pixels is not None:
             with self.offload.use("vae"):
                 image = encode_image(self.vae, pixels, batch, self.device, self.dtype)
+        elif image is not None:  # an encoded first frame
+            self._check_latents(image, grid, "image latent", frames=1)
+            image = image.to(self.device, self.dtype)
         if latents is not None and latents.shape[0] != batch:
             raise PfgenError(f"latents have batch {latents.shape[0]}, the prompt embeddings {batch}")
         cache = self.make_cache(policy or self.config.cache.policy, heads, batch, grid, total)
@@ -271,12 +276,12 @@ class Pipeline:
             return None
         return [e if e.embeds is None else replace(e, embeds=e.embeds.to(self.device, self.dtype)) for e in entries]
 
-    def _check_latents(self, latents, grid) -> int:
+    def _check_latents(self, latents, grid, what: str = "latents", frames: int | None = None) -> int:
         channels = self.transformer.config.in_channels
-        expected = (None, channels, None, *grid)
+        expected = (None, channels, frames, *grid)
         if latents.ndim != 5 or any(e is not None and e != s for e, s in zip(expected, latents.shape)):
-            raise PfgenError(f"latents have shape {tuple(latents.shape)}, expected (B, C={channels}, "
-                             f"F, {grid[0]}, {grid[1]})")
+            raise PfgenError(f"{what} have shape {tuple(latents.shape)}, expected (B, C={channels}, "
+                             f"{frames or 'F'}, {grid[0]}, {grid[1]})")
         per_chunk = self.config.sampling.frames_per_chunk
         if latents.shape[2] % per_chunk:
             raise PfgenError(f"latents have {latents.shape[2]} frames, not a multiple of the chunk ({per_chunk})")

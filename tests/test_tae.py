@@ -102,3 +102,41 @@ def test_weights_load_strictly(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PfgenError, match="cannot read decoder weights"):
         load_tae(tmp_path / "junk.safetensors", "cpu", torch.float32)
+
+
+def test_generate_with_tae_streams_the_wan_frame_count(tmp_path, capsys):
+    import pfgen
+    from clirun import run_cli
+    from pfgen.video import decoded_frames
+
+    pipe = pfgen.load_pipeline(decoder="tae")
+    out = pipe("a kite", num_frames=21, height=32, width=48, generator=torch.Generator().manual_seed(0))
+    assert out.frames.shape == (1, video_frames_for(6), 32, 48, 3)
+    whole = pipe.tae(out.latents)[:, :, 3:]  # the same decoder on the whole sequence at once
+    torch.testing.assert_close(torch.from_numpy(out.frames).permute(0, 4, 1, 2, 3), whole, atol=1e-5, rtol=0)
+    code, _, err = run_cli(["generate", "--decoder", "tae", "--frames", 9, "--height", 32, "--width", 48, "-o",
+                            tmp_path / "t.mp4"], capsys)
+    assert code == 0, err
+    assert decoded_frames(tmp_path / "t.mp4") == 9
+    code, _, err = run_cli(["generate", "--decoder", "tae", "--decoder-weights", tmp_path / "none.safetensors",
+                            "-o", tmp_path / "u.mp4"], capsys)
+    assert code == 1 and "none.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u.mp4").exists()
+    code, _, err = run_cli(["generate", "--decoder-weights", tmp_path / "t.safetensors", "-o", tmp_path / "v.mp4"],
+                           capsys)
+    assert code == 1 and "--decoder-weights is for the tae decoder" in err
+
+
+def test_dry_run_accounts_for_the_decoder():
+    from pfgen.config import load_config, with_overrides
+    from pfgen.memory import plan_memory
+
+    cfg = load_config("causal-forcing-2step")
+    plans = {d: plan_memory(with_overrides(cfg, model=dict(decoder=d)), 81, device=torch.device("cuda"),
+                            dtype=torch.bfloat16, offload="none") for d in ("wan", "tae")}
+    params = sum(p.numel() for p in TinyDecoder().parameters())
+    wan, tae = plans["wan"].memory, plans["tae"].memory
+    assert wan["decoder_bytes"] == 0 and tae["decoder_bytes"] == 2 * params
+    assert 9_000_000 < params < 11_000_000
+    assert tae["vae_decode_bytes"] < wan["vae_decode_bytes"] / 2
+    assert plans["tae"].peaks["none"] - tae["decoder_bytes"] <= plans["wan"].peaks["none"]
