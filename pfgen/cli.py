@@ -64,7 +64,8 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     from pfgen.hub import is_reference
 
     cfg = load_config(config)
-    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir", "decoder_weights") and v and not is_reference(v) else v)
+    paths = ("checkpoint", "wan_dir", "decoder_weights")
+    model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
              for k, v in model.items()}
     return with_overrides(cfg, OPTION_NAMES, model=model, cache=dict(policy=policy, backend=backend),
                           runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
@@ -445,12 +446,13 @@ def download(
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     wan_dir: WanDirOpt = None,
+    decoder: Optional[str] = typer.Option(None, help="tae: also fetch the tiny decoder's weights"),
 ):
     """Download the weights a config names into the Hugging Face cache (then run with HF_HUB_OFFLINE=1)."""
     from pfgen.hub import download_model
     from pfgen.memory import format_gib
 
-    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir)
+    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir, decoder=decoder)
     if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
         raise PfgenError("this config uses the embedded tiny model: nothing to download",
                          "give --config self-forcing (or another real-weight config)")

@@ -40,7 +40,7 @@ class ModelConfig:
     text_encoder_device: str | None = None  # e.g. "cpu" to keep umT5 off a small GPU
     decoder: str = "wan"  # one of DECODERS: latents -> frames
     decoder_weights: str | None = None  # tae weights (path or Hub reference); None = the published taew2_1
-    # (pfgen.wan.tae.TAE_REFERENCE), or seeded random weights for the embedded tiny model
+    # (pfgen.hub.decoder_source), or seeded random weights for the embedded tiny model
 
 
 @dataclass(frozen=True)

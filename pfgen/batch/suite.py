@@ -182,9 +182,8 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
             request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
                            timeline=[list(e) for e in item.timeline] or None,
                            policy=policy, frames=frames, height=req.height or cfg.video.height,
-                           width=req.width or cfg.video.width, heads_sha256=sha, config=config)
-            if image is not None:  # by content, so that another image under the same path is a new video
-                request["image_sha256"] = image
+                           width=req.width or cfg.video.width, heads_sha256=sha, config=config,
+                           image_sha256=image)  # by content: another image under the same path is a new video
             jobs.append(Job(item, policy, file, request, source if isinstance(source, HeadTypes) else None))
     return jobs
 

@@ -48,14 +48,10 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
 
 
 def load_decoder(model_cfg, device, dtype):
-    """The tiny decoder for `model.decoder: tae` (None for `wan`): weights from `decoder_weights`, a path or a
-    Hub reference, by default the published taew2_1; the embedded tiny model gets seeded random weights."""
+    """The tiny decoder for `model.decoder: tae` (None for `wan`), its weights resolved by `hub.decoder_source`."""
     if model_cfg.decoder != "tae":
         return None
-    from pfgen.hub import resolve
-    from pfgen.wan.tae import TAE_REFERENCE, load_tae
+    from pfgen.hub import decoder_source, resolve
+    from pfgen.wan.tae import load_tae
 
-    weights = model_cfg.decoder_weights
-    if weights is None and model_cfg.checkpoint is not None:
-        weights = TAE_REFERENCE
-    return load_tae(resolve(weights, "decoder"), device, dtype)
+    return load_tae(resolve(decoder_source(model_cfg), "decoder"), device, dtype)

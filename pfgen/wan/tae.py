@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 
 from pfgen.errors import PfgenError
-
-TAE_REFERENCE = "madebyollin/taehv:safetensors/taew2_1.safetensors"
+from pfgen.hub import TAE_REFERENCE
 LATENT_CHANNELS = 16
 WIDTHS = (256, 128, 64, 64)  # channels of the three MemBlock groups and of the output convolution
 TIME_UPSCALE = (1, 2, 2)  # TGrow stride after each group: 4 video frames per latent frame
