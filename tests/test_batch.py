@@ -279,7 +279,7 @@ def test_jsonl_rows_take_an_image_recorded_by_content(tmp_path, capsys, monkeypa
     import hashlib
     assert entries["kite"]["image_sha256"] == hashlib.sha256((tmp_path / "img" / "first.png").read_bytes()).hexdigest()
     assert entries["cat"]["image_sha256"] is None
-    assert decoded_frames(out / "kite.mp4") == entries["kite"]["frames"] == 9
+    assert decoded_frames(out / "kite.mp4") == entries["kite"]["frames"] == 5  # 0.5 s: 2 latent frames
     before = stamps(out)
     Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(tmp_path / "img" / "first.png")
     code, _, err = run_cli(args, capsys)
