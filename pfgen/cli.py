@@ -48,7 +48,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also show the libra
 # Config keys the command line sets, named as the user typed them in errors.
 OPTION_NAMES = {"cache.policy": "--policy", "cache.backend": "--backend", "runtime.device": "--device",
                 "runtime.dtype": "--dtype", "runtime.threads": "--threads", "model.num_heads": "--num-heads",
-                "model.text_encoder_device": "--text-encoder-device", "runtime.offload": "--offload"}
+                "model.text_encoder_device": "--text-encoder-device", "runtime.offload": "--offload",
+                "model.decoder": "--decoder", "model.decoder_weights": "--decoder-weights"}
 
 
 def _console(quiet: bool = False):
@@ -63,7 +64,8 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     from pfgen.hub import is_reference
 
     cfg = load_config(config)
-    model = {k: (str(Path(v).expanduser()) if k in ("checkpoint", "wan_dir") and v and not is_reference(v) else v)
+    paths = ("checkpoint", "wan_dir", "decoder_weights")
+    model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
              for k, v in model.items()}
     return with_overrides(cfg, OPTION_NAMES, model=model, cache=dict(policy=policy, backend=backend),
                           runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
@@ -114,6 +116,10 @@ def generate(
     num_heads: NumHeadsOpt = None,
     text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
     backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa, triton"),
+    decoder: Optional[str] = typer.Option(None, help="wan (the Wan VAE) or tae (the tiny TAEHV decoder, fast)"),
+    decoder_weights: Optional[str] = typer.Option(None, help="tae weights, a path or Hub reference (default "
+                                                             "madebyollin/taehv:safetensors/taew2_1.safetensors)"),
+    image: Optional[Path] = typer.Option(None, help="image-to-video: the first frame (frame-wise students)"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
     force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
     offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "
@@ -161,14 +167,18 @@ def generate(
     check_seed(seed)
     check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, policy, backend, device, dtype, threads, offload, checkpoint=checkpoint,
-                       wan_dir=wan_dir, ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device)
+                       wan_dir=wan_dir, ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device,
+                       decoder=decoder, decoder_weights=decoder_weights)
     _check_model_options(cfg, heads=heads, wan_dir=wan_dir, num_heads=num_heads,
                          text_encoder_device=text_encoder_device, policies=policies)
     num_frames = length_in_frames(seconds, frames, cfg.video.fps, force)
+    if image is not None:
+        _check_image(cfg, image, batch, resume, height, width)
     if dry_run:  # the plan of one video (in batch mode: of each), for the device asked, whether here or not
         from pfgen.memory import plan_lines
 
-        plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=False)
+        plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=False,
+                            image=image is not None)
         return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
     console = _console(quiet)
     if batch:
@@ -179,7 +189,7 @@ def generate(
         return run_batch(cfg, request, console, verbose)
     source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
     heads = source if isinstance(source, HeadTypes) else None
-    plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width)
+    plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, image=image is not None)
     if save_latents is not None:
         save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
         check_free_space(save_latents, latents_bytes(cfg, num_frames, height, width), "--save-latents")
@@ -190,7 +200,8 @@ def generate(
     with output_lock(output or story.frames_dir):  # a second run writing the same file is refused with its pid
         _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json,
                       verbose, (story.frames_dir, story.preview), story=make_story(story, entries, console),
-                      resume=state, save_state=story.save_state, save_state_every=story.save_state_every)
+                      resume=state, save_state=story.save_state, save_state_every=story.save_state_every,
+                      image=image)
 
 
 def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json, verbose,
@@ -224,6 +235,16 @@ def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_late
                   highlight=False, markup=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(stats.to_json()))
+
+
+def _check_image(cfg, image: Path, batch: bool, resume, height, width) -> None:
+    """--image: one video of a frame-wise student, not resumed, and a readable image at least the video's size."""
+    from pfgen.image import check_image_run, load_image
+
+    if batch:
+        raise PfgenError("--image is for a single video", 'give each JSONL row its own "image"')
+    check_image_run(cfg.sampling.frames_per_chunk, resume is not None)
+    load_image(image, height or cfg.video.height, width or cfg.video.width)
 
 
 def _check_model_options(cfg, *, heads, wan_dir, num_heads, text_encoder_device, policies) -> None:
@@ -425,12 +446,13 @@ def download(
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     wan_dir: WanDirOpt = None,
+    decoder: Optional[str] = typer.Option(None, help="tae: also fetch the tiny decoder's weights"),
 ):
     """Download the weights a config names into the Hugging Face cache (then run with HF_HUB_OFFLINE=1)."""
     from pfgen.hub import download_model
     from pfgen.memory import format_gib
 
-    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir)
+    cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir, decoder=decoder)
     if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
         raise PfgenError("this config uses the embedded tiny model: nothing to download",
                          "give --config self-forcing (or another real-weight config)")

@@ -22,6 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 POLICIES = ("rolling", "full", "pyramid")
 BACKENDS = ("auto", "split", "sdpa", "triton")
 OFFLOAD_MODES = ("auto", "none", "text-encoder", "model")  # what leaves the GPU when idle (pfgen.memory)
+DECODERS = ("wan", "tae")  # the Wan VAE's decoder, or the tiny TAEHV decoder (pfgen.wan.tae)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 MAX_TIMESTEP = 1000.0  # the flow-matching scheduler's range
@@ -37,6 +38,9 @@ class ModelConfig:
     ema: bool = True  # use `generator_ema` from a .pt checkpoint
     num_heads: int | None = None  # default: dim / 128 (tiny: from the embedded architecture)
     text_encoder_device: str | None = None  # e.g. "cpu" to keep umT5 off a small GPU
+    decoder: str = "wan"  # one of DECODERS: latents -> frames
+    decoder_weights: str | None = None  # tae weights (path or Hub reference); None = the published taew2_1
+    # (pfgen.hub.decoder_source), or seeded random weights for the embedded tiny model
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class Config:
 
 # Keys that hold file paths: resolved relative to the YAML file that names them (model paths may instead be
 # Hub references, kept as they are when no such local path exists).
-_PATH_KEYS = {("model", "checkpoint"), ("model", "wan_dir"), ("cache", "heads")}
+_PATH_KEYS = {("model", "checkpoint"), ("model", "wan_dir"), ("model", "decoder_weights"), ("cache", "heads")}
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -194,6 +198,10 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
     for key, device in (("model.text_encoder_device", model.text_encoder_device), ("runtime.device", runtime.device)):
         if device is not None and not DEVICE.fullmatch(device):
             fail(key, f"'{device}' is not a device", "use auto, cpu, cuda or cuda:N")
+    if model.decoder not in DECODERS:
+        fail("model.decoder", f"'{model.decoder}' is unknown", f"choose from {', '.join(DECODERS)}")
+    if model.decoder_weights is not None and model.decoder != "tae":
+        fail("model.decoder_weights", "is for the tae decoder", "add --decoder tae, or leave the weights out")
     if model.text_encoder_device == "auto":  # the text encoder's device is explicit, or the model's
         fail("model.text_encoder_device", "cannot be auto", "use cpu, cuda or cuda:N, or leave it out")
     if runtime.dtype not in DTYPES:

@@ -64,3 +64,15 @@ def length_in_frames(seconds: float | None, frames: int | None, fps: int, force:
 def chunk_video_frames(latent_done: int) -> int:
     """Video frames that exist once `latent_done` latent frames are decoded (0 before the first)."""
     return video_frames_for(latent_done) if latent_done > 0 else 0
+
+
+def dit_passes(steps: int, first_steps: int | None, chunks: int, *, fresh: bool = True, image: bool = False,
+               commit_last: bool = False) -> int:
+    """DiT forward passes of a run that generates `chunks` chunks: each chunk's denoising steps (`steps`, or
+    `first_steps` for the video's first generated chunk of a `fresh` run when the config has a first-chunk
+    list), one clean pass per chunk that a later chunk reads (the last one too with `commit_last`), and one
+    for an `image` committed as frame 0. Re-cache at a prompt switch adds its own (docs/story.md)."""
+    if chunks <= 0:
+        return int(image)
+    first = first_steps if first_steps and fresh else steps
+    return first + (chunks - 1) * steps + chunks - 1 + int(commit_last) + int(image)

@@ -67,11 +67,13 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 def generate_video(pipe: Pipeline, prompt: str | None, output: str | Path | None, *, num_frames: int, seed: int,
                    policy: str | None = None, heads=None, height: int | None = None, width: int | None = None,
                    save_latents: str | Path | None = None, on_chunk=None, story: Story | None = None, resume=None,
-                   save_state: str | Path | None = None, save_state_every: int = 0, files=None) -> VideoStats:
+                   save_state: str | Path | None = None, save_state_every: int = 0, files=None,
+                   image=None) -> VideoStats:
     """Stream one prompt, or a `story` (timeline, interactive prompts), into `output` (mp4, atomic; None when
     only `files`, a `pfgen.sinks.FrameFiles`, takes the frames). `resume` (pfgen.state.RunState) continues a
     saved run; `save_state` saves this one after its last chunk and every `save_state_every` chunks.
-    `on_chunk(chunk, total_chunks)` reports progress."""
+    `image` (path or PIL image) is the first frame (image-to-video). `on_chunk(chunk, total_chunks)` reports
+    progress."""
     from pfgen.state import save_state as write_state
     from pfgen.video import to_uint8_frames
 
@@ -106,7 +108,8 @@ def generate_video(pipe: Pipeline, prompt: str | None, output: str | Path | None
     opening = story.entries[0].prompt if story.entries else (resume.meta["prompt"] if resume is not None else None)
     metadata = video_metadata(pipe, opening, seed, policy or pipe.config.cache.policy)
     kwargs = dict(num_frames=video_frames_for(latent), generator=generator, policy=policy, heads=heads,
-                  height=height, width=width, story=story, resume=resume, commit_last=save_state is not None)
+                  height=height, width=width, story=story, resume=resume, commit_last=save_state is not None,
+                  image=image)
     try:
         if output is not None:
             pipe.write_mp4(None, output, on_chunk=chunk_done, metadata=metadata, **kwargs)

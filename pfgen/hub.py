@@ -20,9 +20,10 @@ _REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<file>
 
 # What pfgen loads from a Wan2.1 diffusers repo: never its transformer/ (pfgen's students replace it).
 WAN_PATTERNS = ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")
+TAE_REFERENCE = "madebyollin/taehv:safetensors/taew2_1.safetensors"  # the tiny decoder's published weights
 # A diffusers transformer folder given as the checkpoint.
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
-ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS}
+ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "decoder": ("*.safetensors",)}
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,19 @@ def resolve_model(model_cfg):
                                wan_dir=resolve(model_cfg.wan_dir, "wan_dir"))
 
 
+def decoder_source(model_cfg) -> str | None:
+    """The tae weights a config decodes with: `decoder_weights`, else the published file; None for the wan
+    decoder, and for the embedded tiny model without weights (its tae is built in code, like the model)."""
+    if model_cfg.decoder != "tae":
+        return None
+    return model_cfg.decoder_weights or (TAE_REFERENCE if model_cfg.checkpoint is not None else None)
+
+
 def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
     """Fetch everything a model config names: (role, value, Fetched or None for a local path) per source."""
     out = []
-    for role in ("checkpoint", "wan_dir"):
-        value = getattr(model_cfg, role)
+    for role, value in (("checkpoint", model_cfg.checkpoint), ("wan_dir", model_cfg.wan_dir),
+                        ("decoder", decoder_source(model_cfg))):
         if value is not None:
             ref = parse_reference(value)
             out.append((role, value, fetch(ref, role) if ref is not None else None))

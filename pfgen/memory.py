@@ -22,7 +22,7 @@ import torch
 
 from pfgen.config import OFFLOAD_MODES
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, latent_frames_for
+from pfgen.frames import VAE_SPACE, dit_passes, latent_frames_for
 from pfgen.heads import head_type_rows, head_type_source
 from pfgen.wan.text import TEXT_TOKENS
 
@@ -50,6 +50,7 @@ class MemoryPlan:
     frames: int  # video frames
     latent_frames: int
     chunks: int
+    passes: int  # DiT forward passes (frames.dit_passes)
     policy: str
     height: int
     width: int
@@ -212,14 +213,15 @@ def mode_peaks(weights: dict, kv: int, act: int, encode: int, decode: int, text_
     """Peak accelerator bytes per offload mode: the larger of the prompt-encoding phase and generation.
     `text_on_device=False`: umT5 runs elsewhere (--text-encoder-device cpu) and never uses the accelerator."""
     te, dit, vae = weights["text_encoder"], weights["transformer"], weights["vae"]
+    resident = weights.get("decoder", 0)  # the tae decoder never leaves the device
     if not text_on_device:
         te = encode = 0
     generate = kv + max(act, decode)
-    return {
+    return {mode: resident + peak for mode, peak in {
         "none": te + dit + vae + max(encode, generate),
         "text-encoder": max(te + dit + vae + encode, dit + vae + generate),
         "model": max(te + encode, dit + vae + generate),
-    }
+    }.items()}
 
 
 def choose_offload(mode: str, peaks: dict, free: int | None, device_type: str) -> str:
@@ -268,8 +270,9 @@ def free_memory(device: torch.device) -> int | None:
 
 def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtype, policy: str | None = None,
                 heads=None, height: int | None = None, width: int | None = None, offload: str | None = None,
-                batch: int = 1) -> MemoryPlan:
-    """The memory plan of generating `num_frames` video frames with `cfg` on `device` in `dtype`."""
+                batch: int = 1, image: bool = False) -> MemoryPlan:
+    """The memory plan of generating `num_frames` video frames with `cfg` on `device` in `dtype` (`image`: the
+    first frame is an image, image-to-video)."""
     policy = policy or cfg.cache.policy
     height, width = height or cfg.video.height, width or cfg.video.width
     per_chunk = cfg.sampling.frames_per_chunk
@@ -285,15 +288,26 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     kv = kv_cache_bytes(cfg, types, transformer, grid, latent, dtype, batch)
     act = activation_bytes(transformer, tokens, dtype, batch)
     enc = encode_bytes(text, dtype, batch)
-    dec = vae_decode_bytes(height, width, dtype, batch)
+    if cfg.model.decoder == "tae":  # the Wan VAE stays loaded (image-to-video encodes with it)
+        from pfgen.wan.tae import tae_decode_bytes, tae_parameters
+
+        weights["decoder"] = tae_parameters() * _itemsize(dtype)
+        dec = tae_decode_bytes(height, width, _itemsize(dtype), batch)
+    else:
+        weights["decoder"] = 0
+        dec = vae_decode_bytes(height, width, dtype, batch)
     text_device = cfg.model.text_encoder_device
     peaks = mode_peaks(weights, kv, act, enc, dec, text_device is None or torch.device(text_device).type == device.type)
     total, free = device_memory(device)
     chosen = choose_offload(offload or getattr(cfg.runtime, "offload", "auto"), peaks, free, device.type)
     memory = dict(transformer_bytes=weights["transformer"], text_encoder_bytes=weights["text_encoder"],
-                  vae_bytes=weights["vae"], kv_cache_bytes=kv, activation_bytes=act, text_encode_bytes=enc,
+                  vae_bytes=weights["vae"], decoder_bytes=weights["decoder"], kv_cache_bytes=kv, activation_bytes=act,
+                  text_encode_bytes=enc,
                   vae_decode_bytes=dec, peak_bytes=peaks[chosen])
-    return MemoryPlan(num_frames, latent, latent // per_chunk, policy, height, width, str(device),
+    sampling = cfg.sampling
+    passes = dit_passes(len(sampling.timesteps), len(sampling.first_chunk_timesteps or ()),
+                        (latent - image) // per_chunk, image=image)
+    return MemoryPlan(num_frames, latent, latent // per_chunk, passes, policy, height, width, str(device),
                       str(dtype).removeprefix("torch."), chosen, total, free, memory, peaks, sources)
 
 
@@ -301,7 +315,8 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
     """The plan as text, for `--dry-run` and the end of a run."""
     m = plan.memory
     rows = [
-        f"{plan.frames} frames ({plan.latent_frames} latent, {plan.chunks} chunks) at {plan.height}x{plan.width}, "
+        f"{plan.frames} frames ({plan.latent_frames} latent, {plan.chunks} chunks, {plan.passes} DiT passes) at "
+        f"{plan.height}x{plan.width}, "
         f"policy {plan.policy}, {plan.device} {plan.dtype}",
         f"  transformer weights   {format_gib(m['transformer_bytes']):>12}   ({plan.sources['transformer']})",
         f"  text encoder          {format_gib(m['text_encoder_bytes']):>12}   ({plan.sources['text_encoder']})",
@@ -309,7 +324,10 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
         f"  KV cache (exact)      {format_gib(m['kv_cache_bytes']):>12}",
         f"  activations, 1 chunk  {format_gib(m['activation_bytes']):>12}   (estimate)",
         f"  prompt encoding       {format_gib(m['text_encode_bytes']):>12}   (estimate)",
-        f"  VAE decode transient  {format_gib(m['vae_decode_bytes']):>12}   (estimate)",
+        *([f"  tae decoder           {format_gib(m['decoder_bytes']):>12}   (taew2_1 architecture)"]
+          if m["decoder_bytes"] else []),
+        f"  {'tae' if m['decoder_bytes'] else 'VAE'} decode transient  {format_gib(m['vae_decode_bytes']):>12}   "
+        "(estimate)",
         "  peak by offload: " + ", ".join(f"{k} {format_gib(v)}" for k, v in plan.peaks.items()),
     ]
     if plan.device_total_bytes is not None:

@@ -19,8 +19,9 @@ from pfgen.attention import get_backend
 from pfgen.cache.engine import CacheGeometry, KVCache, cache_nbytes
 from pfgen.config import POLICIES, Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, frames_for_seconds, latent_frames_for
+from pfgen.frames import VAE_SPACE, dit_passes, frames_for_seconds, latent_frames_for
 from pfgen.heads import HeadTypes, head_type_rows, head_type_source
+from pfgen.image import check_image_run, encode_image, load_image
 from pfgen.memory import free_memory, plan_memory
 from pfgen.offload import Offload
 from pfgen.sampling import ChunkLoop, NoiseSource
@@ -29,6 +30,7 @@ from pfgen.timeline import Entry, from_api
 from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
 from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
+from pfgen.wan.tae import TaeStreamingDecoder
 from pfgen.wan.text import PromptEncoder
 
 
@@ -41,6 +43,8 @@ class ChunkOutput:
     frames: torch.Tensor | None  # (B, 3, frames, H, W) in [-1, 1], when decoding
     start: int = 0  # first latent frame of this run (> 0 when resumed)
     switch: dict | None = None  # the prompt switch made just before this chunk (pfgen.timeline.switch_record)
+    passes: int = 0  # DiT passes of this run so far, this chunk's included
+    passes_total: int = 0  # DiT passes the run makes (frames.dit_passes)
 
 
 @dataclass
@@ -92,8 +96,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class Pipeline:
     def __init__(self, transformer, vae, prompt_encoder: PromptEncoder, config: Config, device, dtype,
-                 offload: Offload | None = None):
+                 offload: Offload | None = None, tae=None):
         self.transformer, self.vae, self.prompt_encoder = transformer, vae, prompt_encoder
+        self.tae = tae  # the tiny decoder (pfgen.wan.tae) when the config decodes with it, else None
         self.config, self.device, self.dtype = config, device, dtype
         self.offload = offload or Offload("none", device, {})
         self.state = make_causal(transformer)
@@ -177,7 +182,7 @@ class Pipeline:
                prompt_embeds=None, latents=None, generator=None, policy: str | None = None, heads=None,
                decode: bool = True, on_step=None, observer=None, noise: NoiseSource | None = None,
                timeline=None, recache: bool = True, story: Story | None = None, resume=None,
-               commit_last: bool = False, timer=None) -> Iterator[ChunkOutput]:
+               commit_last: bool = False, timer=None, image=None) -> Iterator[ChunkOutput]:
         """Yield each chunk's latents (and decoded frames) as soon as they exist.
 
         `observer(layer, q_abs, k_abs, plan, committing)` sees every self-attention call (profiling);
@@ -187,7 +192,10 @@ class Pipeline:
         (pfgen.story) does the same and records the switches. `resume` (a `pfgen.state.RunState`) continues a
         saved run for `num_frames` more frames; `commit_last` also commits the last chunk, so that the run can
         be saved and continued (`pfgen.state.save_state`). `timer(region)` returns a context manager entered
-        around each chunk's "plan" and each self-attention call's "attention" (benchmarks)."""
+        around each chunk's "plan" and each self-attention call's "attention" (benchmarks). `image` (a path or
+        PIL image; frame-wise students) is the first frame: resized and centre-cropped to the video, encoded by the
+        VAE and committed as frame 0 (pfgen.image); the video starts with its decoded picture. A tensor
+        (B, C, 1, h, w) is taken as the already encoded (normalised) latent of that frame."""
         if story is None:
             story = Story(self._entries(prompt, prompt_embeds, timeline, resume is not None), recache=recache)
         elif prompt is not None or prompt_embeds is not None or timeline is not None:
@@ -204,8 +212,18 @@ class Pipeline:
             if resume is not None:
                 raise PfgenError("latents (initial noise) cannot be given when resuming")
             total = self._check_latents(latents, grid)
+        pixels = None
+        if image is not None:
+            check_image_run(per_chunk, resume is not None, "image")
+            pixels = None if isinstance(image, torch.Tensor) else load_image(image, height, width)  # checked early
         story.begin(start, total, per_chunk, self.config.video.fps, self.encode_prompt)
         batch = resume.batch if resume is not None else story.first_embeds().shape[0]
+        if pixels is not None:
+            with self.offload.use("vae"):
+                image = encode_image(self.vae, pixels, batch, self.device, self.dtype)
+        elif image is not None:  # an encoded first frame
+            self._check_latents(image, grid, "image latent", frames=1)
+            image = image.to(self.device, self.dtype)
         if latents is not None and latents.shape[0] != batch:
             raise PfgenError(f"latents have batch {latents.shape[0]}, the prompt embeddings {batch}")
         cache = self.make_cache(policy or self.config.cache.policy, heads, batch, grid, total)
@@ -213,25 +231,31 @@ class Pipeline:
             generator = torch.Generator(device=resume.meta["generator"])  # gets the saved state
         noise = noise or NoiseSource((batch, self.transformer.config.in_channels, *grid), self.device,
                                      self.dtype, generator, latents)
-        decoder = StreamingDecoder(self.vae) if decode else None
+        decoder = (TaeStreamingDecoder(self.tae) if self.tae is not None else StreamingDecoder(self.vae)) \
+            if decode else None
         if decoder:
             decoder.reset()
         story.noise, story.decoder, story.size = noise, decoder, (height, width)
         if resume is not None:
             resume.restore(self, story, cache)
         loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
+        sampling = self.config.sampling
+        passes_total = dit_passes(len(sampling.timesteps), len(sampling.first_chunk_timesteps or ()),
+                                  (total - start - (image is not None)) // per_chunk, fresh=start == 0,
+                                  image=image is not None, commit_last=commit_last)
         cache.observer, cache.timer = observer, timer
         try:
             # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
             with self.offload.use("transformer"), self.offload.use("vae"):
-                run = loop.run(story.embeds, total, noise, on_step, start, story, commit_last)
+                run = loop.run(story.embeds, total, noise, on_step, start, story, commit_last, image)
+                t0 = start
                 for index, x0 in enumerate(run):
-                    t0 = start + index * per_chunk
                     story.position = t0 + x0.shape[2]
                     frames = decoder.decode(x0) if decoder else None
                     switch = story.switches[-1] if story.switches and story.switches[-1]["latent_frame"] == t0 \
                         else None
-                    yield ChunkOutput(index, t0, x0, frames, start, switch)
+                    yield ChunkOutput(index, t0, x0, frames, start, switch, loop.passes, passes_total)
+                    t0 += x0.shape[2]
         finally:
             cache.observer = cache.timer = None
 
@@ -252,12 +276,12 @@ class Pipeline:
             return None
         return [e if e.embeds is None else replace(e, embeds=e.embeds.to(self.device, self.dtype)) for e in entries]
 
-    def _check_latents(self, latents, grid) -> int:
+    def _check_latents(self, latents, grid, what: str = "latents", frames: int | None = None) -> int:
         channels = self.transformer.config.in_channels
-        expected = (None, channels, None, *grid)
+        expected = (None, channels, frames, *grid)
         if latents.ndim != 5 or any(e is not None and e != s for e, s in zip(expected, latents.shape)):
-            raise PfgenError(f"latents have shape {tuple(latents.shape)}, expected (B, C={channels}, "
-                             f"F, {grid[0]}, {grid[1]})")
+            raise PfgenError(f"{what} have shape {tuple(latents.shape)}, expected (B, C={channels}, "
+                             f"{frames or 'F'}, {grid[0]}, {grid[1]})")
         per_chunk = self.config.sampling.frames_per_chunk
         if latents.shape[2] % per_chunk:
             raise PfgenError(f"latents have {latents.shape[2]} frames, not a multiple of the chunk ({per_chunk})")
@@ -297,12 +321,12 @@ class Pipeline:
 
 
 def plan_for_run(cfg: Config, num_frames: int, *, heads=None, height: int | None = None, width: int | None = None,
-                 available: bool = True):
+                 available: bool = True, image: bool = False):
     """The memory plan (`pfgen.memory.MemoryPlan`) of a run, with the config's device, dtype and offload; loads
     no weights. `available=False` plans for a device this machine need not have (a CUDA run on a CPU)."""
     dev = resolve_device(cfg.runtime.device, available)
     return plan_memory(cfg, num_frames, device=dev, dtype=resolve_dtype(cfg.runtime.dtype, dev), heads=heads,
-                       height=height, width=width)
+                       height=height, width=width, image=image)
 
 
 def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | None = None,
@@ -322,9 +346,10 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
     if mode == "auto":  # on a GPU: the least offload that fits a 60 s video; a CPU has nothing to offload to
         mode = plan_memory(cfg, frames_for_seconds(60, cfg.video.fps), device=dev, dtype=dt).offload \
             if dev.type == "cuda" else "none"
-    from pfgen.wan.components import load_components
+    from pfgen.wan.components import load_components, load_decoder
 
     transformer, vae, encoder = load_components(cfg.model, dev, dt, mode)
+    tae = load_decoder(cfg.model, dev, dt)  # 10 M parameters: stays on the device
     pinned = ("text_encoder",) if cfg.model.text_encoder_device else ()
     modules = dict(text_encoder=encoder.encoder, transformer=transformer, vae=vae)
-    return Pipeline(transformer, vae, encoder, cfg, dev, dt, Offload(mode, dev, modules, pinned))
+    return Pipeline(transformer, vae, encoder, cfg, dev, dt, Offload(mode, dev, modules, pinned), tae)

@@ -121,18 +121,30 @@ class ChunkLoop:
 
     @torch.no_grad()
     def run(self, embeds: torch.Tensor, num_frames: int, noise: NoiseSource, on_step: Callable | None = None,
-            start: int = 0, story=None, commit_last: bool = False) -> Iterator[torch.Tensor]:
+            start: int = 0, story=None, commit_last: bool = False,
+            image: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield the clean latents of each chunk, (B, C, F, h, w), as soon as they exist.
 
         `start` > 0 continues a restored cache (resume). `story` (pfgen.story) may switch the prompt before a
         chunk and keeps what re-cache needs after its clean pass; `commit_last` commits the last chunk too
-        (so that a saved state can be continued)."""
+        (so that a saved state can be continued). `image` (B, C, 1, h, w), the latent of a first frame
+        (image-to-video, frame-wise students): committed at t = 0 as frame 0 and yielded as the first chunk;
+        generation goes on from frame 1, whose chunk takes the first-chunk steps. `self.passes` counts the DiT
+        passes (denoising steps and commits; re-cache replays are counted by the story)."""
         cache, rope = self.state.cache, self.transformer.rope
         per_chunk = self.cfg.frames_per_chunk
         if start == 0:
             cache.reset()
         self.state.new_prompt()
-        for k, t0 in enumerate(range(start, num_frames, per_chunk), start // per_chunk):
+        self.passes = 0
+        first_t0 = 0 if start == 0 else None  # the video's first generated chunk (none when resumed)
+        if image is not None:
+            if story is not None:
+                embeds = story.before_chunk(self, 0, embeds)
+            self._commit(0, image, 0.0, embeds, story)  # t = 0, as the reference commits it
+            yield image
+            start = first_t0 = image.shape[2]
+        for t0 in range(start, num_frames, per_chunk):
             if story is not None:
                 embeds = story.before_chunk(self, t0, embeds)
             frames = min(per_chunk, num_frames - t0)
@@ -140,11 +152,22 @@ class ChunkLoop:
             rope.frame_offset = t0
             cache.set_pass(commit=False)
             x = noise.initial(t0, frames)
+            k = t0 // per_chunk
             step = (lambda i, x0, k=k: on_step(k, i, x0)) if on_step else None
-            x0 = self.denoise(x, self.first_schedule if k == 0 else self.schedule, embeds, noise, step)
+            schedule = self.first_schedule if t0 == first_t0 else self.schedule
+            x0 = self.denoise(x, schedule, embeds, noise, step)
+            self.passes += len(schedule.timesteps)
             if t0 + frames < num_frames or commit_last:
-                cache.set_pass(commit=True)
-                self._forward(x0, self.context_t, embeds)
-                if story is not None:
-                    story.committed(t0, x0, cache)
+                self._commit(t0, x0, self.context_t, embeds, story, planned=False)
             yield x0
+
+    def _commit(self, t0: int, x0: torch.Tensor, t: float, embeds, story, planned: bool = True) -> None:
+        """The clean pass at timestep `t` that writes a chunk's K/V (`planned`: begin its chunk first)."""
+        if planned:
+            self.state.cache.begin_chunk(t0, x0.shape[2])
+            self.transformer.rope.frame_offset = t0
+        self.state.cache.set_pass(commit=True)
+        self._forward(x0, t, embeds)
+        self.passes += 1
+        if story is not None:
+            story.committed(t0, x0, self.state.cache)

@@ -12,15 +12,16 @@ from pfgen.words import count, format_bytes
 
 @contextmanager
 def chunk_progress(console, fps: int):
-    """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA."""
+    """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA. The bar and
+    the ETA count DiT passes, so a first chunk with more steps (Causal Forcing++) does not skew them."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.completed}/{task.fields[chunks]}"),
+    columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.fields[done]}/{task.fields[chunks]}"),
                TextColumn("{task.fields[video]:.1f}/{task.fields[video_total]:.1f} s video"),
                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(), TextColumn("{task.fields[prompt]}"))
     start = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("generate", total=None, chunks="?", video=0.0, video_total=0.0, fps=0.0, prompt="")
+        task = progress.add_task("generate", total=None, done=0, chunks="?", video=0.0, video_total=0.0, fps=0.0, prompt="")
         switches = [0]
 
         def on_chunk(chunk, total_chunks):
@@ -33,7 +34,8 @@ def chunk_progress(console, fps: int):
                 if switches[0] > 1 or s["video_frame"]:  # a one-prompt video has nothing to report
                     progress.update(task, prompt=f"prompt {switches[0]} since {s['seconds']:.2f} s "
                                                  f"(frame {s['video_frame']})")
-            progress.update(task, completed=chunk.index + 1, total=total_chunks, chunks=total_chunks,
+            progress.update(task, completed=chunk.passes, total=chunk.passes_total, done=chunk.index + 1,
+                            chunks=total_chunks,
                             video=frames_done / fps, video_total=frames_total / fps,
                             fps=frames_done / (time.perf_counter() - start))
 

@@ -57,6 +57,8 @@ class StreamingDecoder:
         return tensors, {"started": self.started, "feat_map": kinds}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("kind") == "tae":
+            raise ValueError("it was saved with the tae decoder; resume with --decoder tae")
         kinds = meta["feat_map"]
         if len(kinds) != len(self.vae._feat_map) or any(k not in (None, "Rep", "tensor") for k in kinds):
             raise ValueError(f"saved VAE feature cache has {len(kinds)} entries, this VAE {len(self.vae._feat_map)}")

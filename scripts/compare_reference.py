@@ -144,7 +144,9 @@ def randomize_(model, seed: int) -> None:
             p.copy_(w)
 
 
-def build_reference(args, shape, embeds, device, dtype):
+def build_reference(args, shape, embeds, device, dtype, **sampling):
+    """The reference pipeline at the shape with seeded weights, and those weights as a float32 state dict.
+    `sampling` replaces entries of its config (e.g. Causal Forcing's frame-wise step lists)."""
     causal_model, wan_wrapper, causal_inference = import_reference(Path(args.reference).expanduser())
     layers, tokens = shape["layers"], shape["tokens"]
 
@@ -164,9 +166,10 @@ def build_reference(args, shape, embeds, device, dtype):
         return model
 
     causal_model.CausalWanModel.from_pretrained = classmethod(from_pretrained)
-    config = types.SimpleNamespace(
-        denoising_step_list=STEPS, warp_denoising_step=True, num_frame_per_block=3, independent_first_frame=False,
-        context_noise=0, model_kwargs=dict(timestep_shift=5.0, local_attn_size=args.window, sink_size=args.sink))
+    config = types.SimpleNamespace(**{
+        **dict(denoising_step_list=STEPS, warp_denoising_step=True, num_frame_per_block=3,
+               independent_first_frame=False, context_noise=0), **sampling,
+        "model_kwargs": dict(timestep_shift=5.0, local_attn_size=args.window, sink_size=args.sink)})
     generator = wan_wrapper.WanDiffusionWrapper(**config.model_kwargs, is_causal=True)
     checkpoint = {k: v.detach().to("cpu", torch.float32).clone() for k, v in generator.state_dict().items()}
 

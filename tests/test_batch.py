@@ -253,3 +253,38 @@ def test_batch_option_errors(args, message, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["generate", *args], capsys)
     assert code == 1 and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P"]
+
+
+def test_jsonl_rows_take_an_image_recorded_by_content(tmp_path, capsys, monkeypatch, one_thread):
+    """A frame-wise config: a row's "image" starts its video (relative to the JSONL file), the manifest holds the
+    image's hash, and another image under the same path is another video (refused, nothing touched)."""
+    import numpy as np
+    from PIL import Image
+
+    from pfgen.video import decoded_frames
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = tmp_path / "fw.yaml"
+    config.write_text("model: {name: tiny}\nsampling: {frames_per_chunk: 1, timesteps: [1000]}\n"
+                      "cache: {policy: rolling}\n")
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(tmp_path / "img" / "first.png")
+    prompts, out = tmp_path / "suite.jsonl", tmp_path / "out"
+    prompts.write_text('{"prompt": "a kite", "name": "kite", "image": "img/first.png", "seconds": 0.5}\n'
+                       '{"prompt": "a cat", "name": "cat", "seconds": 0.5}\n')
+    args = ["generate", "--config", config, "--prompts", prompts, "--output-dir", out, "--height", 64, "--width", 96]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    entries = {e["name"]: e for e in manifest(out)}
+    import hashlib
+    assert entries["kite"]["image_sha256"] == hashlib.sha256((tmp_path / "img" / "first.png").read_bytes()).hexdigest()
+    assert entries["cat"]["image_sha256"] is None
+    assert decoded_frames(out / "kite.mp4") == entries["kite"]["frames"] == 5  # 0.5 s: 2 latent frames
+    before = stamps(out)
+    Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(tmp_path / "img" / "first.png")
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "kite.mp4 exists but was made with other settings: image_sha256" in err
+    assert stamps(out) == before
+    prompts.write_text('{"prompt": "a kite", "image": "img/missing.png"}\n')
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "image not found" in err and len(err.strip().splitlines()) == 1

@@ -83,3 +83,10 @@ def test_train_world_mask_is_the_rolling_cache():
         clean = {j for j in cached if (j // 3 < t // 3) or (not noisy and j // 3 == t // 3)}
         noisy_keys = {frames + i for i, f in enumerate(targets.tolist()) if noisy and f // 3 == t // 3}
         assert set(mask[row].nonzero().flatten().tolist()) == clean | noisy_keys, (row, t)
+
+
+def test_bench_decoders_tiny(tmp_path):
+    report, markdown, _ = run_script("bench_decoders.py", "--tiny", "--chunks", "2", tmp_path=tmp_path)
+    assert report["video_frames_per_chunk"] == 12 and len(report["runs_ms"]["tae"]) == 2
+    assert report["wan_over_tae"] == report["ms_per_chunk"]["wan"] / report["ms_per_chunk"]["tae"] > 0
+    assert "## bench_decoders.py" in markdown and "| 32x48 |" in markdown

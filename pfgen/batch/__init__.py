@@ -65,7 +65,7 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
             stats = generate_video(pipe, job.item.prompt, req.output_dir / job.file, num_frames=job.item.num_frames,
                                    seed=job.item.seed, policy=job.policy, heads=job.heads, height=req.height,
                                    width=req.width, on_chunk=on_chunk(f"{prefix}{n}/{len(jobs)} {job.file}"),
-                                   story=_story(job.item))
+                                   story=_story(job.item), image=job.item.image)
             append_entry(part, _entry(job, stats, pipe.device, ranks))
             console.print(f"{prefix}[{n}/{len(jobs)}] {stats.summary()}", highlight=False, markup=False,
                           soft_wrap=True)

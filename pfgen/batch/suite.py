@@ -11,7 +11,7 @@ from pathlib import Path
 from pfgen.config import Config, to_dict, with_overrides
 from pfgen.errors import PfgenError
 
-JSONL_KEYS = ("prompt", "seed", "seconds", "name", "timeline")
+JSONL_KEYS = ("prompt", "seed", "seconds", "name", "timeline", "image")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -23,6 +23,7 @@ class BatchItem:
     num_frames: int
     name: str
     timeline: tuple[tuple[float, str], ...] = ()  # (seconds, prompt) from a JSONL "timeline", the first at 0
+    image: str | None = None  # a JSONL "image": the first frame (image-to-video), relative to the JSONL file
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def read_prompts(path: Path, base_seed: int, num_frames: int, fps: int) -> list[
             raise PfgenError(f"{where}: name '{name}' is already used on line {names[name.lower()]}",
                              "names must be unique (they are the file names)")
         names[name.lower()] = number
+        image = str(path.parent / Path(fields["image"]).expanduser()) if "image" in fields else None
         items.append(BatchItem(index, fields["prompt"], fields.get("seed", base_seed + index), frames, name,
-                               fields.get("timeline", ())))
+                               fields.get("timeline", ()), image))
     if not items:
         raise PfgenError(f"prompts file {path} holds no prompts", "write one prompt per line")
     return items
@@ -125,7 +127,7 @@ def _jsonl_fields(text: str, where: str) -> dict:
     unknown = sorted(set(fields) - set(JSONL_KEYS))
     if unknown:
         raise PfgenError(f"{where}: unknown key '{unknown[0]}'", f"known keys: {', '.join(JSONL_KEYS)}")
-    prompt, seed, seconds, name, timeline = (fields.get(k) for k in JSONL_KEYS)
+    prompt, seed, seconds, name, timeline, image = (fields.get(k) for k in JSONL_KEYS)
     if prompt is not None and timeline is not None:
         raise PfgenError(f"{where}: give \"prompt\" or \"timeline\", not both")
     if timeline is not None:
@@ -143,6 +145,8 @@ def _jsonl_fields(text: str, where: str) -> dict:
     if name is not None and (not isinstance(name, str) or not NAME.fullmatch(name)):
         raise PfgenError(f"{where}: \"name\" {name!r} is not a safe file name",
                          "use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise PfgenError(f"{where}: \"image\" must be a path to an image file, got {image!r}")
     return {**{k: v for k, v in fields.items() if v is not None}, "prompt": prompt.strip()}
 
 
@@ -174,12 +178,28 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
             frames = video_frames_for(latent_frames_for(item.num_frames, cfg.sampling.frames_per_chunk))
             if item.timeline:
                 _check_timeline(item, cfg)
+            image = _image_sha256(item, cfg, req) if item.image else None
             request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
                            timeline=[list(e) for e in item.timeline] or None,
                            policy=policy, frames=frames, height=req.height or cfg.video.height,
-                           width=req.width or cfg.video.width, heads_sha256=sha, config=config)
+                           width=req.width or cfg.video.width, heads_sha256=sha, config=config,
+                           image_sha256=image)  # by content: another image under the same path is a new video
             jobs.append(Job(item, policy, file, request, source if isinstance(source, HeadTypes) else None))
     return jobs
+
+
+def _image_sha256(item: BatchItem, cfg: Config, req: BatchRequest) -> str:
+    """A row's image is checked like --image (frame-wise config, readable, large enough), then hashed."""
+    import hashlib
+
+    from pfgen.image import check_image_run, load_image
+
+    try:
+        check_image_run(cfg.sampling.frames_per_chunk, False, '"image"')
+        load_image(item.image, req.height or cfg.video.height, req.width or cfg.video.width)
+    except PfgenError as exc:
+        raise PfgenError(f"{item.name}: {exc.message}", exc.hint) from None
+    return hashlib.sha256(Path(item.image).read_bytes()).hexdigest()
 
 
 def _check_timeline(item: BatchItem, cfg: Config) -> None:

@@ -45,3 +45,13 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     transformer = load_transformer(model_cfg, dtype).to(dit_device)
     vae = load_vae(model_cfg.wan_dir, dtype).to(vae_device)
     return transformer, vae, load_prompt_encoder(model_cfg.wan_dir, dtype, text_device)
+
+
+def load_decoder(model_cfg, device, dtype):
+    """The tiny decoder for `model.decoder: tae` (None for `wan`), its weights resolved by `hub.decoder_source`."""
+    if model_cfg.decoder != "tae":
+        return None
+    from pfgen.hub import decoder_source, resolve
+    from pfgen.wan.tae import load_tae
+
+    return load_tae(resolve(decoder_source(model_cfg), "decoder"), device, dtype)
