@@ -22,7 +22,7 @@ _REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<file>
 WAN_PATTERNS = ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")
 # A diffusers transformer folder given as the checkpoint.
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
-ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS}
+ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "lora": TRANSFORMER_PATTERNS}
 
 
 @dataclass(frozen=True)
@@ -77,15 +77,16 @@ def resolve_model(model_cfg):
     """The ModelConfig with its checkpoint and Wan folder as local paths (downloading references)."""
     import dataclasses
 
+    loras = tuple(dataclasses.replace(lora, path=resolve(lora.path, "lora")) for lora in model_cfg.loras)
     return dataclasses.replace(model_cfg, checkpoint=resolve(model_cfg.checkpoint, "checkpoint"),
-                               wan_dir=resolve(model_cfg.wan_dir, "wan_dir"))
+                               wan_dir=resolve(model_cfg.wan_dir, "wan_dir"), loras=loras)
 
 
 def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
     """Fetch everything a model config names: (role, value, Fetched or None for a local path) per source."""
     out = []
-    for role in ("checkpoint", "wan_dir"):
-        value = getattr(model_cfg, role)
+    sources = [("checkpoint", model_cfg.checkpoint), ("wan_dir", model_cfg.wan_dir)]
+    for role, value in sources + [("lora", lora.path) for lora in model_cfg.loras]:
         if value is not None:
             ref = parse_reference(value)
             out.append((role, value, fetch(ref, role) if ref is not None else None))

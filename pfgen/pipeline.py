@@ -219,7 +219,7 @@ class Pipeline:
         story.noise, story.decoder, story.size = noise, decoder, (height, width)
         if resume is not None:
             resume.restore(self, story, cache)
-        loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
+        loop = ChunkLoop(self.transformer, self.state, self.config.sampling, self.config.cache.recache)
         cache.observer, cache.timer = observer, timer
         try:
             # the VAE decodes after every chunk: it rides with the DiT rather than moving 2 x chunks times
