@@ -168,6 +168,7 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
         # Identify the head file by its content, not by where this install keeps it, so a run resumes from
         # another virtualenv or checkout.
         config["cache"]["heads"] = sha
+        config["model"]["loras"] = [lora_content(lora) for lora in cfg.model.loras]  # by content, like the heads
         config = json.loads(json.dumps(config))
         for item in items:
             file = f"{policy}/{item.name}.mp4" if req.policies else f"{item.name}.mp4"
@@ -180,6 +181,16 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
                            width=req.width or cfg.video.width, heads_sha256=sha, config=config)
             jobs.append(Job(item, policy, file, request, source if isinstance(source, HeadTypes) else None))
     return jobs
+
+
+def lora_content(lora) -> dict:
+    """A LoRA entry as the manifest records it: the file's sha256 (a Hub reference, not downloaded while jobs are
+    planned, is recorded as the reference itself), scale and alpha."""
+    from pfgen.hub import is_reference
+    from pfgen.wan.lora import file_digest
+
+    source = {"ref": lora.path} if is_reference(lora.path) else {"sha256": file_digest(lora.path)}
+    return {**source, "scale": lora.scale, "alpha": lora.alpha}
 
 
 def _check_timeline(item: BatchItem, cfg: Config) -> None:
