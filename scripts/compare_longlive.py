@@ -296,7 +296,8 @@ def main(argv=None) -> dict:
     print(f"pfgen: {pf_seconds:.1f} s", flush=True)
     x0_rows = [dict(chunk=c, step=s, **diff(x0[(c, s)], ref_x0[(c, s)])) for c, s in sorted(ref_x0)]
     kv_rows = compare_kv(recorder.kv, kv, tokens, args.rope == "absolute", args.chunks)
-    final = diff(torch.cat([x0[(c, len(STEPS) - 1)] for c in range(args.chunks)], dim=2), latents.permute(0, 2, 1, 3, 4))
+    ours = torch.cat([x0[(c, len(STEPS) - 1)] for c in range(args.chunks)], dim=2)
+    final = diff(ours, latents.permute(0, 2, 1, 3, 4))
     result = dict(setup=dict(vars(args), tokens_per_frame=tokens, torch=torch.__version__, recache_passes=recache,
                              reference_seconds=ref_seconds, pfgen_seconds=pf_seconds, shims=SHIMS),
                   x0=x0_rows, kv=kv_rows, final_latents=final)

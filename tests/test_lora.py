@@ -85,7 +85,8 @@ def test_scale_and_explicit_alpha(peft_merged, tmp_path):
     save_file(lora, str(path))
     key = "blocks.1.attn2.to_v.weight"
     delta = merged[key] - base[key]  # (ALPHA / RANK) B A
-    for entry, factor in ((LoraConfig(str(path)), RANK / ALPHA), (LoraConfig(str(path), scale=0.5, alpha=2 * ALPHA), 1.0),
+    for entry, factor in ((LoraConfig(str(path)), RANK / ALPHA),
+                          (LoraConfig(str(path), scale=0.5, alpha=2 * ALPHA), 1.0),
                           (LoraConfig(str(path), scale=-1.0, alpha=ALPHA), -1.0)):
         state = {k: v.clone() for k, v in base.items()}
         merge_loras(state, [entry])
@@ -146,3 +147,21 @@ def test_lora_option_and_required_lora():
     assert cfg.model.lora_required and len(cfg.model.loras) == 1
     with pytest.raises(PfgenError, match="LoRA-tuned base"):
         with_overrides(cfg, model=dict(loras=()))
+
+
+def test_saved_state_records_the_loras(peft_merged, tmp_path, capsys):
+    """A state remembers its LoRAs by content; resuming with another LoRA (or scale) is refused in one line."""
+    _, lora, _ = peft_merged
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, str(path))
+    state = tmp_path / "run.state"
+    code, _, err = run_cli(["generate", "--seconds", "1", "-o", tmp_path / "a.mp4", "--lora", path,
+                            "--save-state", state, "--quiet"], capsys)
+    assert code == 0, err
+    from pfgen.state import RunState
+
+    (record,) = RunState.load(state).meta["model"]["loras"]
+    assert record == {"sha256": file_digest(path), "scale": 1.0, "alpha": None}
+    code, _, err = run_cli(["generate", "--resume", state, "--seconds", "1", "-o", tmp_path / "b.mp4", "--lora",
+                            f"{path}:0.5"], capsys)
+    assert code != 0 and err.count("\n") == 1 and "saved with LoRAs" in err and not (tmp_path / "b.mp4").exists()
