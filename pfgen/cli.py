@@ -49,7 +49,11 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also show the libra
 OPTION_NAMES = {"cache.policy": "--policy", "cache.backend": "--backend", "runtime.device": "--device",
                 "runtime.dtype": "--dtype", "runtime.threads": "--threads", "model.num_heads": "--num-heads",
                 "model.text_encoder_device": "--text-encoder-device", "runtime.offload": "--offload",
-                "model.decoder": "--decoder", "model.decoder_weights": "--decoder-weights"}
+                "model.decoder": "--decoder", "model.decoder_weights": "--decoder-weights",
+                "cache.recache": "--recache-mode", "cache.rope": "--rope"}
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="merge a PEFT or "
+                                                      "diffusers LoRA (file, folder or Hub reference); repeatable, "
+                                                      "added to the config's model.loras")]
 
 
 def _console(quiet: bool = False):
@@ -58,16 +62,21 @@ def _console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet)
 
 
-def _load_config(config, policy=None, backend=None, device=None, dtype=None, threads=None, offload=None, **model):
+def _load_config(config, policy=None, backend=None, device=None, dtype=None, threads=None, offload=None, *,
+                 lora=None, recache_mode=None, rope=None, **model):
     """The config file with the command line's overrides (None = keep the file's value), validated."""
     from pfgen.config import load_config, with_overrides
     from pfgen.hub import is_reference
+    from pfgen.wan.lora import parse_lora_option
 
     cfg = load_config(config)
     paths = ("checkpoint", "wan_dir", "decoder_weights")
     model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
              for k, v in model.items()}
-    return with_overrides(cfg, OPTION_NAMES, model=model, cache=dict(policy=policy, backend=backend),
+    if lora:
+        model["loras"] = cfg.model.loras + tuple(parse_lora_option(item) for item in lora)
+    return with_overrides(cfg, OPTION_NAMES, model=model,
+                          cache=dict(policy=policy, backend=backend, recache=recache_mode, rope=rope),
                           runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
 
 
@@ -120,6 +129,11 @@ def generate(
     decoder_weights: Optional[str] = typer.Option(None, help="tae weights, a path or Hub reference (default "
                                                              "madebyollin/taehv:safetensors/taew2_1.safetensors)"),
     image: Optional[Path] = typer.Option(None, help="image-to-video: the first frame (frame-wise students)"),
+    lora: LoraOpt = None,
+    recache_mode: Optional[str] = typer.Option(None, help="what a switch re-encodes: all (every held chunk) or "
+                                                          "window (LongLive: the window, the sink keeps its K/V)"),
+    rope: Optional[str] = typer.Option(None, help="temporal RoPE of cached keys: absolute or relative (slot in "
+                                                  "the window, LongLive's infinite attention)"),
     save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
     force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
     offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "
@@ -168,7 +182,8 @@ def generate(
     check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, policy, backend, device, dtype, threads, offload, checkpoint=checkpoint,
                        wan_dir=wan_dir, ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device,
-                       decoder=decoder, decoder_weights=decoder_weights)
+                       decoder=decoder, decoder_weights=decoder_weights, lora=lora, recache_mode=recache_mode,
+                       rope=rope)
     _check_model_options(cfg, heads=heads, wan_dir=wan_dir, num_heads=num_heads,
                          text_encoder_device=text_encoder_device, policies=policies)
     num_frames = length_in_frames(seconds, frames, cfg.video.fps, force)

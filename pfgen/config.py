@@ -20,6 +20,8 @@ from pfgen.errors import PfgenError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 POLICIES = ("rolling", "full", "pyramid")
+RECACHE_MODES = ("all", "window")  # what a prompt switch re-encodes (docs/story.md)
+ROPE_MODES = ("absolute", "relative")  # temporal RoPE of cached keys (docs/story.md)
 BACKENDS = ("auto", "split", "sdpa", "triton")
 OFFLOAD_MODES = ("auto", "none", "text-encoder", "model")  # what leaves the GPU when idle (pfgen.memory)
 DECODERS = ("wan", "tae")  # the Wan VAE's decoder, or the tiny TAEHV decoder (pfgen.wan.tae)
@@ -27,6 +29,13 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 MAX_TIMESTEP = 1000.0  # the flow-matching scheduler's range
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    path: str  # PEFT or diffusers LoRA state dict (.pt / .safetensors), or a Hub reference org/name:file[@rev]
+    scale: float = 1.0  # multiplies alpha / rank
+    alpha: float | None = None  # None: the file's own alpha (.alpha keys, metadata), else alpha = rank
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class ModelConfig:
     decoder: str = "wan"  # one of DECODERS: latents -> frames
     decoder_weights: str | None = None  # tae weights (path or Hub reference); None = the published taew2_1
     # (pfgen.hub.decoder_source), or seeded random weights for the embedded tiny model
+    loras: tuple[LoraConfig, ...] = ()  # merged into the transformer at load, in order (pfgen.wan.lora)
+    lora_required: bool = False  # a LoRA-tuned base (LongLive): refuse to run it without a LoRA
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ class CacheConfig:
     heads: str | None = None  # head-type JSON for pyramid
     all: str | None = None  # give every head this type instead of a head file (ablations)
     backend: str = "auto"  # attention backend: auto | split | sdpa | triton
+    recache: str = "all"  # at a switch: all (replay every held chunk) | window (LongLive: keep the sink)
+    rope: str = "absolute"  # absolute (own frame) | relative (rolling: by slot in the window, Infinity-RoPE)
     rolling: RollingConfig = field(default_factory=RollingConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
 
@@ -230,6 +243,19 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
         fail("cache.policy", f"'{cache.policy}' is unknown", f"choose from {', '.join(POLICIES)}")
     if cache.backend not in BACKENDS:
         fail("cache.backend", f"'{cache.backend}' is unknown", f"choose from {', '.join(BACKENDS)}")
+    for key, value, modes in (("recache", cache.recache, RECACHE_MODES), ("rope", cache.rope, ROPE_MODES)):
+        if value not in modes:
+            fail(f"cache.{key}", f"'{value}' is unknown", f"choose from {', '.join(modes)}")
+        if value != modes[0] and cache.policy == "pyramid":
+            fail(f"cache.{key}", f"{value} is for the rolling and full caches, not pyramid (its history keeps its own "
+                 "positions and is not one window)", f"use --policy rolling, or --{key} {modes[0]}")
+    if model.lora_required and not model.loras:
+        fail("model.loras", f"is empty, but model '{model.name}' is a LoRA-tuned base that is wrong without its LoRA",
+             "give the LoRA (--lora FILE, or model.loras in the config), or use a config that names it")
+    for i, lora in enumerate(model.loras):
+        if not (math.isfinite(lora.scale) and (lora.alpha is None or (math.isfinite(lora.alpha) and lora.alpha > 0))):
+            fail(f"model.loras[{i}]", f"needs a finite scale and a positive alpha, got scale {lora.scale}, "
+                 f"alpha {lora.alpha}")
     if cache.all is not None and cache.all not in HEAD_TYPES:
         fail("cache.all", f"must be one of {', '.join(HEAD_TYPES)}, got '{cache.all}'")
     try:
@@ -252,18 +278,28 @@ def check_seed(seed: int, option: str = "--seed") -> int:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    from pfgen.hub import is_reference
-
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for section, key in _PATH_KEYS:
         value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            local = (base / value).resolve()
-            hub = section == "model" and not local.exists() and is_reference(value)
-            out[section][key] = value if hub else str(local)
-        elif isinstance(value, str):
-            out[section][key] = str(Path(value).expanduser())
+        if isinstance(value, str):
+            out[section][key] = _resolve_path(value, base, hub=section == "model")
+    loras = out["model"].get("loras") if isinstance(out.get("model"), dict) else None
+    if isinstance(loras, list):
+        out["model"]["loras"] = [dict(item, path=_resolve_path(item["path"], base, hub=True))
+                                 if isinstance(item, dict) and isinstance(item.get("path"), str) else item
+                                 for item in loras]
     return out
+
+
+def _resolve_path(value: str, base: Path, hub: bool) -> str:
+    """A path relative to the YAML file that names it; model files may instead be Hub references, kept as they
+    are when no such local path exists."""
+    from pfgen.hub import is_reference
+
+    if Path(value).expanduser().is_absolute():
+        return str(Path(value).expanduser())
+    local = (base / value).resolve()
+    return value if hub and not local.exists() and is_reference(value) else str(local)
 
 
 def build(cls, data, where: str, prefix: str = ""):

@@ -23,7 +23,8 @@ WAN_PATTERNS = ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")
 TAE_REFERENCE = "madebyollin/taehv:safetensors/taew2_1.safetensors"  # the tiny decoder's published weights
 # A diffusers transformer folder given as the checkpoint.
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
-ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "decoder": ("*.safetensors",)}
+ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "decoder": ("*.safetensors",),
+                 "lora": TRANSFORMER_PATTERNS}
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,9 @@ def resolve_model(model_cfg):
     """The ModelConfig with its checkpoint and Wan folder as local paths (downloading references)."""
     import dataclasses
 
+    loras = tuple(dataclasses.replace(lora, path=resolve(lora.path, "lora")) for lora in model_cfg.loras)
     return dataclasses.replace(model_cfg, checkpoint=resolve(model_cfg.checkpoint, "checkpoint"),
-                               wan_dir=resolve(model_cfg.wan_dir, "wan_dir"))
+                               wan_dir=resolve(model_cfg.wan_dir, "wan_dir"), loras=loras)
 
 
 def decoder_source(model_cfg) -> str | None:
@@ -93,8 +95,8 @@ def decoder_source(model_cfg) -> str | None:
 def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
     """Fetch everything a model config names: (role, value, Fetched or None for a local path) per source."""
     out = []
-    for role, value in (("checkpoint", model_cfg.checkpoint), ("wan_dir", model_cfg.wan_dir),
-                        ("decoder", decoder_source(model_cfg))):
+    sources = [("checkpoint", model_cfg.checkpoint), ("wan_dir", model_cfg.wan_dir), ("decoder", decoder_source(model_cfg))]
+    for role, value in sources + [("lora", lora.path) for lora in model_cfg.loras]:
         if value is not None:
             ref = parse_reference(value)
             out.append((role, value, fetch(ref, role) if ref is not None else None))

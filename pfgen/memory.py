@@ -282,7 +282,10 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     types = head_type_rows(head_type_source(cfg.cache, policy, heads), policy, transformer["num_layers"],
                            transformer["num_attention_heads"])
     patch = transformer["patch_size"]
-    tokens = per_chunk * (grid[0] // patch[1]) * (grid[1] // patch[2])
+    pass_frames = per_chunk  # the largest forward: a chunk, or a `recache: window` pass over the whole window
+    if cfg.cache.recache == "window":
+        pass_frames = max(per_chunk, cfg.cache.rolling.window if policy == "rolling" else latent)
+    tokens = pass_frames * (grid[0] // patch[1]) * (grid[1] // patch[2])
     weights = dict(transformer=transformer_bytes(transformer, dtype), text_encoder=text_encoder_bytes(text, dtype),
                    vae=vae_bytes(vae, dtype))
     kv = kv_cache_bytes(cfg, types, transformer, grid, latent, dtype, batch)
@@ -322,7 +325,7 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
         f"  text encoder          {format_gib(m['text_encoder_bytes']):>12}   ({plan.sources['text_encoder']})",
         f"  VAE                   {format_gib(m['vae_bytes']):>12}   ({plan.sources['vae']})",
         f"  KV cache (exact)      {format_gib(m['kv_cache_bytes']):>12}",
-        f"  activations, 1 chunk  {format_gib(m['activation_bytes']):>12}   (estimate)",
+        f"  activations, 1 pass   {format_gib(m['activation_bytes']):>12}   (estimate: a chunk, or a window re-cache)",
         f"  prompt encoding       {format_gib(m['text_encode_bytes']):>12}   (estimate)",
         *([f"  tae decoder           {format_gib(m['decoder_bytes']):>12}   (taew2_1 architecture)"]
           if m["decoder_bytes"] else []),

@@ -238,7 +238,7 @@ class Pipeline:
         story.noise, story.decoder, story.size = noise, decoder, (height, width)
         if resume is not None:
             resume.restore(self, story, cache)
-        loop = ChunkLoop(self.transformer, self.state, self.config.sampling)
+        loop = ChunkLoop(self.transformer, self.state, self.config.sampling, self.config.cache.recache)
         sampling = self.config.sampling
         passes_total = dit_passes(len(sampling.timesteps), len(sampling.first_chunk_timesteps or ()),
                                   (total - start - (image is not None)) // per_chunk, fresh=start == 0,

@@ -78,8 +78,10 @@ class NoiseSource:
 class ChunkLoop:
     """Drives a causal transformer (processors installed) and its KV cache over a video."""
 
-    def __init__(self, transformer, state, sampling_cfg):
+    def __init__(self, transformer, state, sampling_cfg, recache: str = "all"):
+        """`recache` (config cache.recache): what `replay` re-encodes at a prompt switch."""
         self.transformer = transformer
+        self.recache = recache
         self.state = state
         self.cfg = sampling_cfg
         self.schedule = make_schedule(sampling_cfg.timesteps, sampling_cfg.shift, sampling_cfg.warp)
@@ -107,17 +109,32 @@ class ChunkLoop:
         return x0
 
     @torch.no_grad()
-    def replay(self, chunks, embeds: torch.Tensor) -> None:
-        """Re-cache: reset the cache, then the clean pass over committed chunks [(t0, x0), ...] in order, each
-        planned like a chunk of a fresh run (so it reads what the replayed chunks before it wrote)."""
+    def replay(self, chunks, embeds: torch.Tensor) -> int:
+        """Re-cache under `embeds` from the committed chunks [(t0, x0), ...] the cache still holds.
+
+        all: reset the cache, then the clean pass over every chunk in order, each planned like a chunk of a fresh
+        run (so it reads what the replayed chunks before it wrote). window (LongLive): one clean pass over the
+        window's frames, each reading all of them and the sink, whose K/V stay from the old prompt once the
+        window has left it (`KVCache.window_recache`)."""
         cache = self.state.cache
-        cache.reset()
         self.state.new_prompt()
+        if self.recache == "window":
+            end = chunks[-1][0] + chunks[-1][1].shape[2]
+            restart, first = cache.window_recache(end)
+            parts = [x0[:, :, max(0, first - t0):] for t0, x0 in chunks if t0 + x0.shape[2] > first]
+            chunks = [(first, torch.cat(parts, dim=2))]
+            if chunks[0][1].shape[2] != end - first:  # the story keeps every chunk of a held frame
+                raise RuntimeError(f"re-cache needs frames {first}..{end - 1}, the kept chunks do not hold them")
+        else:
+            restart = True
+        if restart:
+            cache.reset()
         for t0, x0 in chunks:
             cache.begin_chunk(t0, x0.shape[2])
             self.transformer.rope.frame_offset = t0
             cache.set_pass(commit=True)
             self._forward(x0, self.context_t, embeds)
+        return len(chunks)  # clean passes spent
 
     @torch.no_grad()
     def run(self, embeds: torch.Tensor, num_frames: int, noise: NoiseSource, on_step: Callable | None = None,

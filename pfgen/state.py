@@ -41,6 +41,11 @@ def config_fingerprint(cfg, dtype, device) -> str:
                  "device": torch.device(device).type})
 
 
+def lora_records(transformer) -> list[dict]:
+    """The LoRAs merged into the transformer at load, by content (sha256 of the file), scale and alpha."""
+    return [{k: r[k] for k in ("sha256", "scale", "alpha")} for r in getattr(transformer, "pfgen_loras", [])]
+
+
 def heads_fingerprint(types: list[list[str]]) -> str:
     return _sha(types)
 
@@ -66,7 +71,8 @@ def save_state(path: str | Path, pipe, story, cache) -> int:
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     meta = {
         "format": FORMAT, "pfgen_version": __version__, "position": story.position,
-        "model": {"name": pipe.config.model.name, "fingerprint": model_fingerprint(pipe.transformer, pipe.vae)},
+        "model": {"name": pipe.config.model.name, "fingerprint": model_fingerprint(pipe.transformer, pipe.vae),
+                  "loras": lora_records(pipe.transformer)},
         "config": config_fingerprint(pipe.config, pipe.dtype, pipe.device),
         "policy": pipe.policy, "heads": heads_fingerprint(pipe.original_head_types),
         "size": list(story.size), "batch": int(story.embeds.shape[0]),
@@ -141,6 +147,11 @@ class RunState:
         """Refusals that need the model: other head types, other weights."""
         if self.meta["heads"] != heads_fingerprint(types):
             raise PfgenError(f"{self.path} was saved with other head types", "pass the --heads file of the saved run")
+        saved, mine = self.meta["model"].get("loras", []), lora_records(pipe.transformer)
+        if saved != mine:
+            names = lambda records: ", ".join(f"{r['sha256'][:12]} x{r['scale']:g}" for r in records) or "none"
+            raise PfgenError(f"{self.path} was saved with LoRAs {names(saved)}, this run merges {names(mine)}",
+                             "resume with the --lora files (and scales) of the saved run")
         if self.meta["model"]["fingerprint"] != model_fingerprint(pipe.transformer, pipe.vae):
             raise PfgenError(f"{self.path} was saved with another model ({self.meta['model']['name']})",
                              "resume with the --checkpoint / --config of the saved run")

@@ -66,8 +66,7 @@ class Story:
         if switch is None:
             return embeds
         if self.recache and self.kept:
-            loop.replay(sorted(self.kept.items()), switch.embeds)
-            self.recached_chunks += len(self.kept)
+            self.recached_chunks += loop.replay(sorted(self.kept.items()), switch.embeds)
         else:
             loop.state.new_prompt()
         self.embeds, self.prompt = switch.embeds, switch.prompt

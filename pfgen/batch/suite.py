@@ -172,6 +172,7 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
         # Identify the head file by its content, not by where this install keeps it, so a run resumes from
         # another virtualenv or checkout.
         config["cache"]["heads"] = sha
+        config["model"]["loras"] = [lora_content(lora) for lora in cfg.model.loras]  # by content, like the heads
         config = json.loads(json.dumps(config))
         for item in items:
             file = f"{policy}/{item.name}.mp4" if req.policies else f"{item.name}.mp4"
@@ -200,6 +201,16 @@ def _image_sha256(item: BatchItem, cfg: Config, req: BatchRequest) -> str:
     except PfgenError as exc:
         raise PfgenError(f"{item.name}: {exc.message}", exc.hint) from None
     return hashlib.sha256(Path(item.image).read_bytes()).hexdigest()
+
+
+def lora_content(lora) -> dict:
+    """A LoRA entry as the manifest records it: the file's sha256 (a Hub reference, not downloaded while jobs are
+    planned, is recorded as the reference itself), scale and alpha."""
+    from pfgen.hub import is_reference
+    from pfgen.wan.lora import file_digest
+
+    source = {"ref": lora.path} if is_reference(lora.path) else {"sha256": file_digest(lora.path)}
+    return {**source, "scale": lora.scale, "alpha": lora.alpha}
 
 
 def _check_timeline(item: BatchItem, cfg: Config) -> None:

@@ -127,6 +127,12 @@ class KVCache:
         """Committed frames behind any stored item of any head type (what re-cache re-encodes)."""
         return set().union(*(rule.held_frames() for rule in self.rules.values()))
 
+    def window_recache(self, end: int) -> tuple[bool, int]:
+        """(restart, first frame) of a `recache: window` before the chunk at `end` (`Rule.window_recache`); the
+        windowed policies have one rule."""
+        (answer,) = {rule.window_recache(end) for rule in self.rules.values()}
+        return answer
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors by "layer.kind.name", each rule's bookkeeping as JSON data): all a later run needs."""
         tensors = {f"{layer}.{kind}.{name}": t for layer, stores in enumerate(self.stores)

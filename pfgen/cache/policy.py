@@ -85,6 +85,7 @@ class Layout:
     hist_slots: int = 0
     merge_block: int = 0  # frames per merged block (0: no merging)
     merge_patch: int = 1
+    hist_in_abs: bool = False  # the hist region is the first `hist_slots` abs slots (no storage of its own)
 
 
 class Rule:
@@ -117,6 +118,13 @@ class Rule:
 
     def held_frames(self) -> set[int]:
         """Committed frames behind any stored item (re-cache re-encodes exactly these)."""
+        raise NotImplementedError
+
+    def window_recache(self, end: int) -> tuple[bool, int]:
+        """`recache: window` before the chunk at `end`: (restart, first). Frames first..end-1 are re-encoded in one
+        clean pass under the new prompt, each reading all of them; `restart` empties the cache first (the sink is
+        redone too), otherwise the stored sink keeps its K/V. See docs/story.md. Only windowed caches define it
+        (config.validate refuses it for pyramid)."""
         raise NotImplementedError
 
 
@@ -156,19 +164,28 @@ class FullRule(Rule):
     def held_frames(self):
         return set(range(self.end))
 
+    def window_recache(self, end):
+        return True, 0  # the window is the whole video: every frame, sink included
+
 
 class RollingRule(Rule):
-    """Uniform window of `window` frames ending with the current chunk; the first `sink` stay pinned."""
+    """Uniform window of `window` frames ending with the current chunk; the first `sink` stay pinned.
+
+    `relative` (LongLive's `use_infinite_attention`): positions are slots in the window, sink first, so once the
+    window has rolled by `shift` = end - window frames, the sink is read `shift` frames later than where it was
+    stored (through the hist read, whose region is the sink's abs slots); every other distance is unchanged.
+    """
 
     name = "rolling"
 
-    def __init__(self, window: int, sink: int, frames_per_chunk: int):
+    def __init__(self, window: int, sink: int, frames_per_chunk: int, relative: bool = False):
         if window - sink < frames_per_chunk:
             raise ValueError(
                 f"rolling window {window} with sink {sink} leaves no room for a {frames_per_chunk}-frame chunk"
             )
-        self.window, self.sink = window, sink
-        self.layout = Layout(abs_slots=("frame",) * window)
+        self.window, self.sink, self.relative = window, sink, relative
+        hist = sink if relative else 0
+        self.layout = Layout(abs_slots=("frame",) * window, hist_slots=hist, hist_in_abs=relative)
         self.reset()
 
     def reset(self) -> None:
@@ -184,11 +201,18 @@ class RollingRule(Rule):
         return placed
 
     def reads(self, t0, frames):
-        slots = tuple(sorted(self.slots))
         pinned = tuple(sorted(t for t in self.slots.values() if t < self.sink and t < t0))
         rolling = tuple(sorted(t for t in self.slots.values() if t not in pinned))
-        segs = tuple(s for s in (Segment("sink", pinned, pinned), Segment("recent", rolling, rolling)) if s.frames)
-        return [Read(slots, 0, (), 0, segs) for _ in range(frames)]
+        shift = max(0, t0 + frames - self.window) if self.relative else 0
+        if shift and pinned:  # the sink, stored at its own positions, read `shift` frames later
+            abs_slots = tuple(sorted(self._slot(t) for t in rolling))
+            hist_slots = tuple(self._slot(t) for t in pinned)
+            sink = Segment("sink", pinned, tuple(t + shift for t in pinned))
+        else:
+            abs_slots, hist_slots = tuple(sorted(self.slots)), ()
+            sink = Segment("sink", pinned, pinned)
+        segs = tuple(s for s in (sink, Segment("recent", rolling, rolling)) if s.frames)
+        return [Read(abs_slots, 0, hist_slots, shift if hist_slots else 0, segs) for _ in range(frames)]
 
     def commit(self, t0, frames):
         return []
@@ -201,6 +225,9 @@ class RollingRule(Rule):
 
     def held_frames(self):
         return set(self.slots.values())
+
+    def window_recache(self, end):
+        return (True, 0) if end <= self.window else (False, end - (self.window - self.sink))
 
 
 @dataclass
@@ -350,7 +377,7 @@ def make_rule(kind: str, cache_cfg, frames_per_chunk: int, max_frames: int) -> R
         return FullRule(max_frames)
     if kind == "rolling":
         r = cache_cfg.rolling
-        return RollingRule(r.window, r.sink, frames_per_chunk)
+        return RollingRule(r.window, r.sink, frames_per_chunk, relative=cache_cfg.rope == "relative")
     p = cache_cfg.pyramid
     common = dict(recent=p.recent, rope_window=p.rope_window, frames_per_chunk=frames_per_chunk)
     if kind == "anchor":

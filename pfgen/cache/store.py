@@ -24,7 +24,7 @@ def store_shapes(layout: Layout, batch: int, heads: int, grid: tuple[int, int], 
     block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
     abs_tokens = sum(frame_tokens if kind == "frame" else block_tokens for kind in layout.abs_slots)
     shapes = {"abs": (batch, abs_tokens, heads, head_dim)}
-    if layout.hist_slots:
+    if layout.hist_slots and not layout.hist_in_abs:
         shapes["hist"] = (layout.hist_partitions, batch, layout.hist_slots * frame_tokens, heads, head_dim)
     if layout.merge_block:
         shapes["acc"] = (batch, block_tokens, heads, head_dim)
@@ -52,7 +52,10 @@ class RuleStore:
         self.k_abs = torch.zeros(shapes["abs"], dtype=dtype, device=device)
         self.v_abs = torch.zeros(shapes["abs"], dtype=dtype, device=device)
         self.k_hist = self.v_hist = None
-        if "hist" in shapes:
+        if layout.hist_in_abs:  # a view of the first abs slots, as one partition
+            tokens = layout.hist_slots * self.frame_tokens
+            self.k_hist, self.v_hist = self.k_abs[None, :, :tokens], self.v_abs[None, :, :tokens]
+        elif "hist" in shapes:
             self.k_hist = torch.zeros(shapes["hist"], dtype=dtype, device=device)
             self.v_hist = torch.zeros(shapes["hist"], dtype=dtype, device=device)
         self.acc_k = self.acc_v = None
@@ -63,12 +66,11 @@ class RuleStore:
             self.patch_counts = self._patch_counts(device)
 
     def nbytes(self) -> int:
-        tensors = (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored K/V and accumulators by name (saved states)."""
-        names = ("k_abs", "v_abs", "k_hist", "v_hist", "acc_k", "acc_v")
+        """The stored K/V and accumulators by name (saved states); a hist view of abs is not storage of its own."""
+        names = ("k_abs", "v_abs", "acc_k", "acc_v") + (() if self.layout.hist_in_abs else ("k_hist", "v_hist"))
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -84,9 +86,8 @@ class RuleStore:
             mine.narrow(axis, 0, saved.shape[axis]).copy_(saved)
 
     def reset(self) -> None:
-        for t in (self.k_abs, self.v_abs, self.k_hist, self.v_hist, self.acc_k, self.acc_v):
-            if t is not None:
-                t.zero_()
+        for t in self.state_tensors().values():
+            t.zero_()
 
     def abs_range(self, slot: int) -> tuple[int, int]:
         return self.abs_offsets[slot], self.abs_offsets[slot + 1]

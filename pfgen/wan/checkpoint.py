@@ -201,16 +201,21 @@ def build_strict(config: dict, state: dict, dtype: torch.dtype):
 def load_transformer(model_cfg, dtype: torch.dtype):
     if model_cfg.checkpoint is None:
         raise PfgenError("no checkpoint given")
+    from pfgen.wan.lora import merge_loras
+
     state, config = read_weights(model_cfg.checkpoint, model_cfg.ema)
+    records = merge_loras(state, model_cfg.loras)  # before the cast to dtype
     if config is None:
         config = infer_architecture(state, model_cfg.num_heads)
     else:
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
-        return build_strict(config, state, dtype)
+        model = build_strict(config, state, dtype)
     except (TypeError, ValueError) as exc:  # a config.json whose values diffusers cannot build a model from
         raise PfgenError(f"{model_cfg.checkpoint}: its config does not describe a Wan transformer "
                          f"({str(exc).splitlines()[0][:100]})") from None
+    model.pfgen_loras = records  # what saved states record (pfgen.state)
+    return model
 
 
 def save_diffusers(model, directory: str | Path) -> Path:

@@ -33,7 +33,15 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     if model_cfg.checkpoint is None:
         from pfgen.wan.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 
-        transformer = place(tiny_transformer(), dit_device, dtype)
+        transformer = tiny_transformer()
+        if model_cfg.loras:
+            from pfgen.hub import resolve_model
+            from pfgen.wan.lora import merge_loras
+
+            state = transformer.state_dict()
+            transformer.pfgen_loras = merge_loras(state, resolve_model(model_cfg).loras)
+            transformer.load_state_dict(state)
+        transformer = place(transformer, dit_device, dtype)
         vae = place(tiny_vae(), vae_device, dtype)
         encoder = PromptEncoder(tiny_tokenizer(), place(tiny_text_encoder(), text_device, dtype))
         return transformer, vae, encoder
