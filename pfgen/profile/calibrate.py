@@ -21,7 +21,9 @@ from pfgen.outputs import atomic_output, remove_stale_partials
 from pfgen.profile.capture import LogitRecorder
 from pfgen.words import count
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.txt"
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_PROMPTS = DATA / "calibration_prompts.txt"
+WORLD_PROMPTS = DATA / "world_calibration_prompts.txt"  # the embedded world model knows only its grammar
 STATS_FORMAT = "pfgen.head-stats/1"
 PART_GLOB = "prompt-*.safetensors"
 # What shapes one prompt's statistics besides the prompt and its seed (`seconds` only through `frames`).
@@ -30,9 +32,10 @@ CAPTURE_SETTINGS = ("format", "model", "fingerprint", "text_encoder", "dtype", "
 REQUIRED_META = ("layers", "heads", "frames", "window", "sink")
 
 
-def read_prompts(path: str | Path | None) -> list[str]:
-    """One prompt per line (blank lines and lines starting with # are skipped)."""
-    path = Path(path).expanduser() if path is not None else DEFAULT_PROMPTS
+def read_prompts(path: str | Path | None, world: bool = False) -> list[str]:
+    """One prompt per line (blank lines and lines starting with # are skipped); no path: the built-in
+    prompts, world prompts for the embedded world model."""
+    path = Path(path).expanduser() if path is not None else WORLD_PROMPTS if world else DEFAULT_PROMPTS
     if not path.is_file():
         raise PfgenError(f"prompts file not found: {path}")
     try:

@@ -77,7 +77,7 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
     from pfgen.frames import latent_frames_for
     from pfgen.pipeline import load_pipeline
 
-    prompts = read_prompts(req.prompts)
+    prompts = read_prompts(req.prompts, world=cfg.model.checkpoint is None)
     per_chunk = cfg.sampling.frames_per_chunk
     latent = latent_frames_for(frames_for_seconds(req.seconds, cfg.video.fps), per_chunk)
     if latent // per_chunk < 2:
