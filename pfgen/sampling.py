@@ -148,3 +148,5 @@ class ChunkLoop:
                 if story is not None:
                     story.committed(t0, x0, cache)
             yield x0
+        if story is not None:
+            story.finish()
