@@ -23,6 +23,7 @@ WAN_PATTERNS = ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")
 # A diffusers transformer folder given as the checkpoint.
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
 ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS}
+OPTIONS = {"checkpoint": "--checkpoint", "wan_dir": "--wan-dir"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,17 @@ def is_reference(value) -> bool:
     return parse_reference(value) is not None
 
 
+FORMS = "an existing path, org/name (a repo folder) or org/name:path/in/repo.pt (one file), with an optional @revision"
+
+
+def check_source(value: str | Path | None, option: str) -> None:
+    """A weights source is an existing local path or a well-formed reference; anything else (`org/`,
+    `a/b/c/d`, `org/name@`, `org/name@main:file.pt`, a missing file) is one line showing the valid forms."""
+    if value is None or is_reference(value) or Path(value).expanduser().exists():
+        return
+    raise PfgenError(f"{option} {value}: no such file or folder, and not a Hub reference", f"give {FORMS}")
+
+
 @dataclass(frozen=True)
 class Fetched:
     """One downloaded (or already cached) reference: the local path and its files."""
@@ -69,6 +81,7 @@ class Fetched:
 def resolve(value: str | None, role: str) -> str | None:
     """A local path for `value` (model.checkpoint or model.wan_dir): Hub references are downloaded or taken from
     the cache; local paths are returned unchanged."""
+    check_source(value, f"model.{role}")
     ref = parse_reference(value)
     return value if ref is None else str(fetch(ref, role).path)
 
@@ -86,6 +99,7 @@ def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
     out = []
     for role in ("checkpoint", "wan_dir"):
         value = getattr(model_cfg, role)
+        check_source(value, OPTIONS[role])
         if value is not None:
             ref = parse_reference(value)
             out.append((role, value, fetch(ref, role) if ref is not None else None))

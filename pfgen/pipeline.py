@@ -277,13 +277,28 @@ class Pipeline:
         frames = torch.cat([c.frames for c in chunks], dim=2)
         return PipelineOutput(latents=latents, frames=((frames.float().permute(0, 2, 3, 4, 1) + 1) / 2).cpu().numpy())
 
+    def video_metadata(self, prompt: str | None, seed: int | None, policy: str | None = None) -> dict:
+        """What an mp4 says about how it was made (title = prompt, comment = this as JSON), from the CLI and the
+        API alike."""
+        from pfgen import __version__
+
+        model = self.config.model
+        return {"prompt": prompt, "seed": seed, "config": model.name, "policy": policy or self.config.cache.policy,
+                "checkpoint": model.checkpoint, "pfgen": __version__}
+
     def write_mp4(self, prompt, path, fps: int | None = None, on_chunk=None, metadata: dict | None = None,
                   **kwargs) -> Path:
         """Stream a video into an mp4 (batch 1); the file appears only when complete and verified.
 
-        `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment."""
+        `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment; by
+        default `video_metadata` of the prompt (None for embeddings) and the generator's seed."""
         if path is None:
             raise PfgenError("output_type='mp4' needs output_path")
+        if metadata is None:
+            generator = kwargs.get("generator")
+            metadata = self.video_metadata(prompt if isinstance(prompt, str) else None,
+                                           generator.initial_seed() if generator is not None else None,
+                                           kwargs.get("policy"))
         height = kwargs.get("height") or self.config.video.height
         width = kwargs.get("width") or self.config.video.width
         self.latent_grid(height, width)
