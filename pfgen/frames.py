@@ -31,7 +31,8 @@ def latent_frames_for(num_frames: int, frames_per_chunk: int) -> int:
 
 
 def latent_frames_for_seconds(seconds: float, fps: int) -> int:
-    """A duration -> latent frames: seconds x fps / 4 (DESIGN: 5 s -> 20, 60 s -> 240), at least one."""
+    """A duration -> latent frames: seconds x fps / 4, at least one (docs/design.md section 1: 5 s -> 20,
+    60 s -> 240)."""
     if not math.isfinite(seconds) or seconds <= 0:
         raise PfgenError(f"--seconds must be a positive number, got {seconds}")
     return max(1, math.ceil(seconds * fps / VAE_TIME - 1e-9))

@@ -50,10 +50,16 @@ class PipelineOutput:
     path: Path | None = None
 
 
-def set_threads(threads: int | None) -> None:
-    """CPU threads for torch: as given, else the CPUs this process may run on (its affinity and cgroup quota),
-    never more: on a shared machine oversubscribed threads make a run ~10x slower."""
-    torch.set_num_threads(threads or usable_cpus())
+SMALL_MODEL_PARAMETERS = 50_000_000  # a DiT below this runs on one CPU thread by default (README, CPU threads)
+
+
+def set_threads(threads: int | None, parameters: int) -> None:
+    """CPU threads for torch: as given; else one for a small DiT (its ops take microseconds, so a second thread
+    only adds a barrier per op, and on a shared machine a descheduled thread stalls every op: measured up to
+    several times slower), else the CPUs this process may run on (its affinity and cgroup quota), never more."""
+    if threads is None:
+        threads = 1 if parameters < SMALL_MODEL_PARAMETERS else usable_cpus()
+    torch.set_num_threads(threads)
 
 
 def usable_cpus() -> int:
@@ -332,7 +338,6 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
                          runtime=dict(device=device, dtype=dtype, offload=offload))
     dev = resolve_device(cfg.runtime.device)
     dt = resolve_dtype(cfg.runtime.dtype, dev)
-    set_threads(cfg.runtime.threads)
     mode = cfg.runtime.offload
     if mode == "auto":  # on a GPU: the least offload that fits a 60 s video; a CPU has nothing to offload to
         mode = plan_memory(cfg, frames_for_seconds(60, cfg.video.fps), device=dev, dtype=dt).offload \
@@ -340,6 +345,7 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
     from pfgen.wan.components import load_components
 
     transformer, vae, encoder = load_components(cfg.model, dev, dt, mode)
+    set_threads(cfg.runtime.threads, sum(p.numel() for p in transformer.parameters()))
     pinned = ("text_encoder",) if cfg.model.text_encoder_device else ()
     modules = dict(text_encoder=encoder.encoder, transformer=transformer, vae=vae)
     return Pipeline(transformer, vae, encoder, cfg, dev, dt, Offload(mode, dev, modules, pinned))
