@@ -100,6 +100,8 @@ def test_huge_numbers_are_one_line(tmp_path):
     assert_refused(then, tmp_path, "the prompt at 1e+308 s comes after the end of the 1.31 s video")
     far = pfgen(["generate", "--timeline", "far.json", *SMALL, "-o", "out.mp4"], tmp_path)
     assert_refused(far, tmp_path, "the prompt at 1e+308 s comes after the end")
+    seconds = pfgen(["generate", "--seconds", "1e308", "--force", *SIZE, "-o", "out.mp4"], tmp_path)
+    assert_refused(seconds, tmp_path, "--seconds 1e+308 is too long to count in frames")
     window = pfgen(["evaluate", "clip.mp4", "--window", "1e308"], tmp_path)
     line = one_line_error(window.stderr)
     assert window.returncode == 1 and "shorter than one 1e+308 s window" in line and window.stdout == ""
