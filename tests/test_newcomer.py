@@ -58,7 +58,7 @@ def test_a_log_gets_plain_progress_lines_not_a_cut_bar(tmp_path):
     """stderr is a pipe (a CI log, `| tee`): whole progress lines, the first and the last chunk at least."""
     run = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--seconds", "2", *SIZE, "-o", "v.mp4"],
                          cwd=tmp_path, capture_output=True, text=True, env={**child_env(), "COLUMNS": "40"},
-                         timeout=300)
+                         timeout=600)
     assert run.returncode == 0, run.stderr
     progress = [line for line in run.stderr.splitlines() if line.startswith("generating")]
     # 2 s -> 8 latent frames -> 3 chunks of 3 -> 33 frames (2.06 s); the first chunk holds 9 frames (0.56 s)
