@@ -20,29 +20,71 @@ import typer
 from pfgen.errors import PfgenError
 from pfgen.frames import MAX_SECONDS
 
+_VALUE_NAMES = {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH"}
+
+
+def _plain_types(display):
+    """typer prints a type after every option: `--json <bool>`, `--help <bool>`, `-t <list[str]>`. A flag takes
+    no value, so it shows none; an option without its own metavar shows its value's kind (TEXT, N, PATH)."""
+    def display_type_rich(self, ctx):
+        if self.metavar is not None:
+            return self.metavar
+        if self.is_flag:
+            return ""
+        kind = display(self, ctx).strip("<>").removeprefix("list[").removesuffix("]").removesuffix("...")
+        return _VALUE_NAMES.get(kind.lower(), kind.upper())
+
+    return display_type_rich
+
+
+def _plain_usage_name(self) -> str:
+    """An argument in the usage line as click writes it, `CHECKPOINT` or `VIDEO...`, not `{CHECKPOINT}`."""
+    name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+typer.core.TyperOption.display_type_rich = _plain_types(typer.core.TyperOption.display_type_rich)
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: ""  # its name column already says what it is
+typer.core.TyperArgument._usage_display_name = _plain_usage_name
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long video generation with autoregressive video diffusion and a head-aware KV cache.")
 
 DEFAULT_PROMPT = "a red kite over the sea"
 POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all history), pyramid (head-aware)"
 
+# Panels of `--help` (generate uses all of them; the shared options below bring theirs to other commands).
+MODEL, LENGTH, CACHE, STORY, OUTPUTS, RUNTIME = ("Model", "Length and size", "Cache", "Prompt and story",
+                                                 "Outputs (and batch mode)", "Runtime")
+
 # Options shared by several commands.
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="YAML config, or a bundled name (tiny, "
-                                                                   "self-forcing, ...)")]
-CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="Self Forcing / Causal Forcing .pt "
-                                                      "or diffusers folder, or a Hub reference org/name[:file][@rev]")]
-WanDirOpt = Annotated[Optional[str], typer.Option("--wan-dir", help="Wan2.1-T2V-1.3B diffusers folder (text "
-                                                  "encoder, tokenizer, VAE), or a Hub reference org/name[@rev]")]
-EmaOpt = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="EMA weights of a .pt checkpoint")]
-NumHeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="attention heads (default: width / 128)")]
-HeightOpt = Annotated[Optional[int], typer.Option("--height", help="video height (multiple of 16)")]
-WidthOpt = Annotated[Optional[int], typer.Option("--width", help="video width (multiple of 16)")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the CPUs this process "
-                                                                     "may use)")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="print only errors (and --json)")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also show the libraries' loading bars and logs")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", metavar="NAME|FILE", rich_help_panel=MODEL,
+                                                  help="bundled config (tiny, self-forcing, ...) or YAML file")]
+CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH|REF", rich_help_panel=MODEL,
+                                                      help="Self Forcing / Causal Forcing .pt or diffusers folder, "
+                                                           "or Hub reference org/name or org/name:file, each with "
+                                                           "an optional @revision")]
+WanDirOpt = Annotated[Optional[str], typer.Option("--wan-dir", metavar="DIR|REF", rich_help_panel=MODEL,
+                                                  help="Wan2.1-T2V-1.3B diffusers folder (text encoder, tokenizer, "
+                                                       "VAE), or Hub reference org/name (optional @revision)")]
+EmaOpt = Annotated[Optional[bool], typer.Option("--ema/--no-ema", rich_help_panel=MODEL,
+                                                help="EMA weights of a .pt checkpoint")]
+NumHeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", metavar="N", rich_help_panel=MODEL,
+                                                    help="attention heads (default: width / 128)")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", metavar="PX", rich_help_panel=LENGTH,
+                                                  help="video height (multiple of 16)")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", metavar="PX", rich_help_panel=LENGTH,
+                                                 help="video width (multiple of 16)")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="NAME", rich_help_panel=RUNTIME,
+                                                  help="auto, cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="NAME", rich_help_panel=RUNTIME,
+                                                 help="auto, float32, bfloat16, float16")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", metavar="N", rich_help_panel=RUNTIME,
+                                                   help="CPU threads (default: see README, CPU threads)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=RUNTIME,
+                                        help="print only errors (and --json)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", rich_help_panel=RUNTIME,
+                                          help="also show the libraries' loading bars and logs")]
 
 
 # Config keys the command line sets, named as the user typed them in errors.
@@ -51,9 +93,10 @@ OPTION_NAMES = {"cache.policy": "--policy", "cache.backend": "--backend", "runti
                 "model.text_encoder_device": "--text-encoder-device", "runtime.offload": "--offload",
                 "model.decoder": "--decoder", "model.decoder_weights": "--decoder-weights",
                 "cache.recache": "--recache-mode", "cache.rope": "--rope"}
-LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="merge a PEFT or "
-                                                      "diffusers LoRA (file, folder or Hub reference); repeatable, "
-                                                      "added to the config's model.loras")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", metavar="FILE[:SCALE]", rich_help_panel=MODEL,
+    help="merge a PEFT or diffusers LoRA (file, folder or Hub reference); repeatable, added to the config's "
+         "model.loras")]
 
 
 def _console(quiet: bool = False):
@@ -66,9 +109,11 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
                  lora=None, recache_mode=None, rope=None, **model):
     """The config file with the command line's overrides (None = keep the file's value), validated."""
     from pfgen.config import load_config, with_overrides
-    from pfgen.hub import is_reference
+    from pfgen.hub import OPTIONS, check_source, is_reference
     from pfgen.wan.lora import parse_lora_option
 
+    for key in ("checkpoint", "wan_dir"):
+        check_source(model.get(key), OPTIONS[key])
     cfg = load_config(config)
     paths = ("checkpoint", "wan_dir", "decoder_weights")
     model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
@@ -96,70 +141,97 @@ def _app(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", metavar="TEXT", rich_help_panel=STORY,
                                          help=f"what to generate (default: {DEFAULT_PROMPT!r})"),
-    seconds: Optional[float] = typer.Option(None, help="video length in seconds (default 5; latent frames round "
-                                                       "up to whole chunks)"),
-    frames: Optional[int] = typer.Option(None, help="video length in frames instead of --seconds"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="mp4 to write (default: pfgen.mp4)"),
-    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace existing output files"),
-    seed: int = typer.Option(0, help="random seed of the noise (with --prompts: prompt i uses seed + i)"),
-    prompts: Optional[Path] = typer.Option(
-        None, help="batch mode: one prompt per line (blank lines and # comments are skipped), or JSONL (.jsonl) "
-                   "with prompt and optional seed, seconds, name per line"),
-    output_dir: Optional[Path] = typer.Option(
-        None, help="batch mode: folder for one mp4 per prompt and manifest.jsonl; rerun to resume"),
-    policies: Optional[str] = typer.Option(
-        None, help="batch mode: comma-separated policies, each into its own sub-folder (e.g. rolling,pyramid)"),
-    config: ConfigOpt = None,
-    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
-    heads: Optional[Path] = typer.Option(None, help="head-type JSON for --policy pyramid"),
+    then: list[str] = typer.Option([], "--then", metavar="S TEXT", rich_help_panel=STORY,
+                                   help="switch to TEXT at the first chunk boundary at or after S seconds (repeat)"),
+    timeline: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=STORY,
+                                            help="YAML/JSON list of {at: seconds, prompt: text}, the first at 0"),
+    recache: bool = typer.Option(True, "--recache/--no-recache", rich_help_panel=STORY,
+                                 help="at a switch, re-encode the cached history under the new prompt"),
+    interactive: bool = typer.Option(False, "--interactive", rich_help_panel=STORY,
+                                     help="read new prompts from stdin while generating"),
+    resume: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=STORY,
+                                          help="continue a run saved with --save-state (--seconds more)"),
+    save_state: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=STORY,
+                                              help="save the run to continue it later (--resume)"),
+    save_state_every: int = typer.Option(0, metavar="N", rich_help_panel=STORY,
+                                         help="also save the state every N chunks"),
+    seed: int = typer.Option(0, metavar="N", rich_help_panel=STORY,
+                             help="noise seed (with --prompts: prompt i uses seed + i)"),
+    seconds: Optional[float] = typer.Option(None, metavar="S", rich_help_panel=LENGTH,
+                                            help="video length in seconds (default 5; see README for the rounding)"),
+    frames: Optional[int] = typer.Option(None, metavar="N", rich_help_panel=LENGTH,
+                                         help="video length in frames instead of --seconds"),
+    force: bool = typer.Option(False, "--force", rich_help_panel=LENGTH,
+                               help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
     height: HeightOpt = None,
     width: WidthOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     wan_dir: WanDirOpt = None,
     ema: EmaOpt = None,
     num_heads: NumHeadsOpt = None,
-    text_encoder_device: Optional[str] = typer.Option(None, help="e.g. cpu, to keep umT5 off a small GPU"),
-    backend: Optional[str] = typer.Option(None, help="attention backend: auto, split, sdpa, triton"),
-    decoder: Optional[str] = typer.Option(None, help="wan (the Wan VAE) or tae (the tiny TAEHV decoder, fast)"),
-    decoder_weights: Optional[str] = typer.Option(None, help="tae weights, a path or Hub reference (default "
-                                                             "madebyollin/taehv:safetensors/taew2_1.safetensors)"),
-    image: Optional[Path] = typer.Option(None, help="image-to-video: the first frame (frame-wise students)"),
+    text_encoder_device: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=MODEL,
+                                                      help="e.g. cpu, to keep umT5 off a small GPU"),
+    policy: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=CACHE, help=POLICY_HELP),
+    heads: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=CACHE,
+                                         help="head-type JSON for --policy pyramid"),
+    backend: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=CACHE,
+                                          help="attention backend: auto, split, sdpa, triton"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", rich_help_panel=OUTPUTS,
+                                          help="mp4 to write (default: pfgen.mp4)"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", rich_help_panel=OUTPUTS,
+                                   help="replace existing output files"),
+    save_latents: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=OUTPUTS,
+                                                help="also write the latents (.safetensors)"),
+    preview: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=OUTPUTS,
+                                           help="the newest frame (.jpg/.png), replaced after every chunk"),
+    frames_dir: Optional[Path] = typer.Option(None, metavar="DIR", rich_help_panel=OUTPUTS,
+                                              help="every frame as a PNG in this folder (-o then optional)"),
+    as_json: bool = typer.Option(False, "--json", rich_help_panel=OUTPUTS,
+                                 help="one JSON object on stdout: the video's summary, or with --dry-run the plan"),
+    prompts: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=OUTPUTS,
+                                           help="batch mode: one prompt per line (# comments), or JSONL (.jsonl) "
+                                                "with prompt and optional seed, seconds, name"),
+    output_dir: Optional[Path] = typer.Option(None, metavar="DIR", rich_help_panel=OUTPUTS,
+                                              help="batch mode: one mp4 per prompt and manifest.jsonl; rerun to "
+                                                   "resume"),
+    policies: Optional[str] = typer.Option(None, metavar="A,B", rich_help_panel=OUTPUTS,
+                                           help="batch mode: policies, each into its own sub-folder (e.g. "
+                                                "rolling,pyramid)"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    offload: Optional[str] = typer.Option(None, metavar="MODE", rich_help_panel=RUNTIME,
+                                          help="auto (least that fits the GPU), none, text-encoder (umT5 visits "
+                                               "the GPU only to encode), model (every component)"),
+    dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=RUNTIME,
+                                 help="print the memory plan and exit; loads no weights"),
+    decoder: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=MODEL,
+                                          help="wan (the Wan VAE) or tae (the tiny TAEHV decoder, fast)"),
+    decoder_weights: Optional[str] = typer.Option(None, metavar="PATH|REF", rich_help_panel=MODEL,
+                                                  help="tae weights, a path or Hub reference (default "
+                                                       "madebyollin/taehv:safetensors/taew2_1.safetensors)"),
     lora: LoraOpt = None,
-    recache_mode: Optional[str] = typer.Option(None, help="what a switch re-encodes: all (every held chunk) or "
-                                                          "window (LongLive: the window, the sink keeps its K/V)"),
-    rope: Optional[str] = typer.Option(None, help="temporal RoPE of cached keys: absolute or relative (slot in "
-                                                  "the window, LongLive's infinite attention)"),
-    save_latents: Optional[Path] = typer.Option(None, help="also write the latents (.safetensors)"),
-    force: bool = typer.Option(False, help=f"allow videos longer than {MAX_SECONDS // 60} minutes"),
-    offload: Optional[str] = typer.Option(None, help="auto (least that fits the GPU), none, text-encoder (umT5 "
-                                                     "visits the GPU only to encode), model (every component)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan and exit; loads no weights"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout: the video's summary, or "
-                                                       "with --dry-run the plan"),
+    image: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=STORY,
+                                         help="image-to-video: the first frame (frame-wise students)"),
+    recache_mode: Optional[str] = typer.Option(None, metavar="MODE", rich_help_panel=CACHE,
+                                               help="what a switch re-encodes: all (every held chunk) or window "
+                                                    "(LongLive: the window, the sink keeps its K/V)"),
+    rope: Optional[str] = typer.Option(None, metavar="MODE", rich_help_panel=CACHE,
+                                       help="temporal RoPE of cached keys: absolute or relative (slot in the "
+                                            "window, LongLive's infinite attention)"),
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
-    then: list[str] = typer.Option([], "--then", metavar="SECONDS PROMPT",
-                                   help="switch to PROMPT at the first chunk boundary at or after SECONDS (repeat)"),
-    timeline: Optional[Path] = typer.Option(None, help="YAML/JSON list of {at: seconds, prompt: text}, the first at 0"),
-    recache: bool = typer.Option(True, "--recache/--no-recache", help="at a switch, re-encode the cached history "
-                                                                      "under the new prompt"),
-    resume: Optional[Path] = typer.Option(None, help="continue a run saved with --save-state (--seconds more)"),
-    save_state: Optional[Path] = typer.Option(None, help="save the run to continue it later (--resume)"),
-    save_state_every: int = typer.Option(0, help="also save the state every N chunks"),
-    preview: Optional[Path] = typer.Option(None, help="the newest frame (.jpg/.png), replaced after every chunk"),
-    frames_dir: Optional[Path] = typer.Option(None, help="every frame as a PNG in this folder (-o then optional)"),
-    interactive: bool = typer.Option(False, help="read new prompts from stdin while generating"),
 ):
     """Generate a video, streaming chunks into an mp4 as they are produced.
 
-    Batch mode: --prompts FILE --output-dir DIR writes one mp4 per prompt and DIR/manifest.jsonl.
-    Rerun the same command to resume: finished videos are checked and skipped, interrupted or damaged ones
-    redone. torchrun --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over N GPUs.
+    Batch mode: --prompts FILE --output-dir DIR writes one mp4 per prompt and
+    DIR/manifest.jsonl. Rerun the same command to resume: finished videos are
+    checked and skipped, interrupted or damaged ones redone. torchrun
+    --nproc_per_node N -m pfgen generate --prompts ... spreads the videos over
+    N GPUs.
     """
     from pfgen.batch import check_options
     from pfgen.config import check_seed, check_video_size
@@ -237,7 +309,8 @@ def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_late
         story["resume"].check_model(pipe, types)
     if cfg.model.checkpoint is None:
         console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
-                      "(give --checkpoint and --wan-dir for real weights)", soft_wrap=True)
+                      "(for real weights: pfgen download --config self-forcing, then --config self-forcing)",
+                      soft_wrap=True)
     files = FrameFiles(*files) if any(f is not None for f in files) else None
     with chunk_progress(console, cfg.video.fps) as on_chunk:
         stats = generate_video(pipe, None, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
@@ -287,12 +360,13 @@ def inspect_cache(
     config: ConfigOpt = None,
     heads: Optional[Path] = typer.Option(None, help="head-type JSON (default: the config's)"),
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " (default: pyramid when head types exist)"),
-    frame: float = typer.Option(100, metavar="<int>", help="query frame (latent) to show, any size (e.g. 1e9)"),
+    frame: float = typer.Option(100, metavar="N", help="query frame (latent) to show, any size (e.g. 1e9)"),
     height: Optional[int] = typer.Option(None, help="video height (default: the config's)"),
     width: Optional[int] = typer.Option(None, help="video width (default: the config's)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     plot: Optional[Path] = typer.Option(None, help="draw the pyramid (heads x the sink and the last 100 "
                                                    "frames) to a PNG"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace an existing --plot file"),
 ):
     """Show what every head attends to at one query frame, token budgets and K/V memory (on stdout)."""
     from pfgen.inspect import cache_report, check_frame, inspect_geometry, pyramid_columns, pyramid_rows
@@ -302,7 +376,7 @@ def inspect_cache(
     if plot is not None:
         from pfgen.outputs import check_output_path
 
-        plot = check_output_path(plot, ".png", option="--plot")
+        plot = check_output_path(plot, ".png", overwrite=overwrite, option="--plot")
     types, head_dim, grid = inspect_geometry(cfg, heads, policy, cfg.video.height if height is None else height,
                                              cfg.video.width if width is None else width)
     per_chunk = cfg.sampling.frames_per_chunk
@@ -343,7 +417,11 @@ def profile_heads(
     keep_parts: bool = typer.Option(False, "--keep-parts", help="keep the per-prompt statistics after success"),
     threshold: list[str] = typer.Option([], "--threshold", "-t", help="classifier threshold, NAME=VALUE (repeat)"),
     plot: Optional[Path] = typer.Option(None, help="PNG: head-type map and mean lag profile per type"),
-    compare: Optional[Path] = typer.Option(None, help="another head-type JSON to report agreement with"),
+    compare: Optional[Path] = typer.Option(None, help="a reference head-type JSON (e.g. the published labels): "
+                                                      "agreement, and per type the recall and precision of the "
+                                                      "new labels against it"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace existing output files"),
+    threads: ThreadsOpt = None,
 ):
     """Sort every self-attention head into anchor / wave / veil from calibration runs (or saved statistics)."""
     from pfgen.config import check_video_size
@@ -352,11 +430,13 @@ def profile_heads(
 
     thresholds = parse_thresholds(threshold)
     req = check_request(ProfileRequest(output, prompts, seconds, seed, stats_out, from_stats, work_dir,
-                                       tuple(threshold), plot, compare, height, width, keep_parts))
+                                       tuple(threshold), plot, compare, height, width, keep_parts,
+                                       overwrite=overwrite))
     check_video_size(height, width, option_prefix="--")
-    cfg = _load_config(config, device=device, dtype=dtype, checkpoint=checkpoint, wan_dir=wan_dir, ema=ema,
-                       num_heads=num_heads)
+    cfg = _load_config(config, device=device, dtype=dtype, threads=threads, checkpoint=checkpoint, wan_dir=wan_dir,
+                       ema=ema, num_heads=num_heads)
     from pfgen.ui import calibration_progress, print_agreement, print_head_counts
+    from pfgen.words import count
 
     console = _console()
     if from_stats is None:
@@ -374,35 +454,39 @@ def profile_heads(
     if req.reference is not None:
         print_agreement(console, compare_with(heads, req), compare)
     finish(req)
-    console.print(f"wrote {req.output}: {heads.counts()}")
+    totals = heads.counts()
+    kinds = ", ".join(f"{totals[kind]} {kind}" for kind in ("anchor", "wave", "veil"))
+    console.print(f"wrote {req.output}: {kinds} of {count(heads.layers * heads.heads, 'head')}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
 def convert(
-    checkpoint: str = typer.Argument(..., help="Self Forcing / Causal Forcing .pt (or Wan2.1 weights), or a Hub "
-                                               "reference org/name:file[@rev]"),
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Self Forcing / Causal Forcing .pt (or Wan2.1 "
+                                                                     "weights), or a Hub reference org/name:file "
+                                                                     "(optional @revision)"),
     output: Path = typer.Option(..., "--output", "-o", help="diffusers transformer folder to create"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights of a .pt checkpoint"),
     num_heads: NumHeadsOpt = None,
     dtype: str = typer.Option("float32", help="dtype of the written tensors (float32 keeps them bit-exact)"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace an existing output folder"),
 ):
     """Write a diffusers `WanTransformer3DModel` folder (config.json + safetensors) from a checkpoint."""
-    from pfgen.config import ModelConfig
-    from pfgen.pipeline import resolve_dtype
-    from pfgen.wan.checkpoint import load_transformer, save_diffusers
-
-    from pfgen.outputs import check_folder_writable
-
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise PfgenError(f"output {output} already exists", "choose a new folder")
-    check_folder_writable(output.parent)
     import torch
 
-    from pfgen.hub import resolve_model
+    from pfgen.config import ModelConfig
+    from pfgen.hub import check_source, resolve_model
+    from pfgen.outputs import check_folder_writable
+    from pfgen.pipeline import resolve_dtype
+    from pfgen.wan.checkpoint import check_diffusers_output, load_transformer, save_diffusers
 
+    output = output.expanduser()
+    check_diffusers_output(output, overwrite)
+    check_folder_writable(output.parent)
+    check_source(checkpoint, "CHECKPOINT")
     model_cfg = resolve_model(ModelConfig(name="convert", checkpoint=str(checkpoint), ema=ema, num_heads=num_heads))
     model = load_transformer(model_cfg, resolve_dtype(dtype, torch.device("cpu")))
-    save_diffusers(model, output)
+    save_diffusers(model, output, overwrite)
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     from pfgen.words import count
@@ -414,8 +498,9 @@ def convert(
 
 @app.command()
 def evaluate(
-    videos: list[Path] = typer.Argument(..., help="mp4 files, or batch output folders (policy sub-folders are "
-                                                  "paired by video name)", show_default=False),
+    videos: list[Path] = typer.Argument(..., metavar="VIDEO", help="mp4 files, or batch output folders "
+                                                                      "(policy sub-folders are paired by video name)",
+                                        show_default=False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     plot: Optional[Path] = typer.Option(None, help="PNG with one curve per metric over time, one line per video"),
     window: float = typer.Option(5.0, help="window length in seconds"),
@@ -462,16 +547,20 @@ def download(
     checkpoint: CheckpointOpt = None,
     wan_dir: WanDirOpt = None,
     decoder: Optional[str] = typer.Option(None, help="tae: also fetch the tiny decoder's weights"),
+    verbose: Annotated[bool, typer.Option("--verbose", help="also show the Hub client's retries and logs")] = False,
 ):
     """Download the weights a config names into the Hugging Face cache (then run with HF_HUB_OFFLINE=1)."""
     from pfgen.hub import download_model
     from pfgen.memory import format_gib
+    from pfgen.ui import hub_output
 
     cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir, decoder=decoder)
     if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
         raise PfgenError("this config uses the embedded tiny model: nothing to download",
                          "give --config self-forcing (or another real-weight config)")
-    for role, value, fetched in download_model(cfg.model):
+    with hub_output(verbose):
+        fetched_all = download_model(cfg.model)
+    for role, value, fetched in fetched_all:
         if fetched is None:
             typer.echo(f"{role}: {value} (local path, nothing to download)")
         else:

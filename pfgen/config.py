@@ -158,7 +158,7 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
     """Load a YAML config strictly; None gives the embedded default (configs/tiny.yaml, the tiny model)."""
     path = resolve_config_path(name_or_path if name_or_path is not None else CONFIG_DIR / "tiny.yaml")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -180,7 +180,8 @@ def load_config(name_or_path: str | Path | None = None) -> Config:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently), and reads
+    exponent numbers without a dot (`1e0`, `5E-1`) as numbers, as YAML 1.2 does, not as strings."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -190,6 +191,15 @@ class _StrictLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_EXPONENT_NUMBER = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """The one YAML reader for configs and timelines (strict keys, YAML 1.2 exponent numbers)."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def validate(config: Config, where: str = "config", names: dict[str, str] | None = None) -> None:

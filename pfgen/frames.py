@@ -31,10 +31,14 @@ def latent_frames_for(num_frames: int, frames_per_chunk: int) -> int:
 
 
 def latent_frames_for_seconds(seconds: float, fps: int) -> int:
-    """A duration -> latent frames: seconds x fps / 4 (DESIGN: 5 s -> 20, 60 s -> 240), at least one."""
+    """A duration -> latent frames: seconds x fps / 4, at least one (docs/design.md section 1: 5 s -> 20,
+    60 s -> 240)."""
     if not math.isfinite(seconds) or seconds <= 0:
         raise PfgenError(f"--seconds must be a positive number, got {seconds}")
-    return max(1, math.ceil(seconds * fps / VAE_TIME - 1e-9))
+    latent = seconds * fps / VAE_TIME
+    if not math.isfinite(latent):  # 1e308 seconds is a finite number, its frame count is not
+        raise PfgenError(f"--seconds {seconds:g} is too long to count in frames", "give a realistic length")
+    return max(1, math.ceil(latent - 1e-9))
 
 
 def frames_for_seconds(seconds: float, fps: int) -> int:

@@ -15,7 +15,7 @@ from pfgen.outputs import atomic_output
 from pfgen.pipeline import Pipeline
 from pfgen.story import Story
 from pfgen.timeline import Entry, video_frame
-from pfgen.words import format_bytes
+from pfgen.words import format_bytes, shorten
 
 
 LATENT_CHANNELS = 16  # the Wan VAE's
@@ -46,8 +46,8 @@ class VideoStats:
                 f"{self.wall_seconds:.1f} s, {self.fps:.1f} fps, peak memory {format_bytes(self.peak_memory_bytes)} "
                 f"({self.memory_kind})")
         if len(self.switches) > 1 or any(s["video_frame"] for s in self.switches):
-            text += "; prompts from " + ", ".join(f"{s['seconds']:.2f} s (frame {s['video_frame']}) {s['prompt']!r}"
-                                                  for s in self.switches)
+            text += "; prompts from " + ", ".join(f"{s['seconds']:.2f} s (frame {s['video_frame']}) "
+                                                  f"{shorten(s['prompt'])}" for s in self.switches)
         return text
 
 
@@ -106,7 +106,7 @@ def generate_video(pipe: Pipeline, prompt: str | None, output: str | Path | None
             on_chunk(chunk, total_chunks)
 
     opening = story.entries[0].prompt if story.entries else (resume.meta["prompt"] if resume is not None else None)
-    metadata = video_metadata(pipe, opening, seed, policy or pipe.config.cache.policy)
+    metadata = pipe.video_metadata(opening, seed, policy)
     kwargs = dict(num_frames=video_frames_for(latent), generator=generator, policy=policy, heads=heads,
                   height=height, width=width, story=story, resume=resume, commit_last=save_state is not None,
                   image=image)
@@ -142,14 +142,6 @@ def latents_bytes(cfg, num_frames: int, height: int | None, width: int | None) -
     pixels = (height or cfg.video.height) // VAE_SPACE * ((width or cfg.video.width) // VAE_SPACE)
     return LATENT_CHANNELS * latent * pixels * 4 + 4096
 
-
-def video_metadata(pipe: Pipeline, prompt: str | None, seed: int, policy: str) -> dict:
-    """What is written into the mp4 (title = prompt, comment = JSON), so that a video says how it was made."""
-    from pfgen import __version__
-
-    model = pipe.config.model
-    return {"prompt": prompt, "seed": seed, "config": model.name, "policy": policy, "checkpoint": model.checkpoint,
-            "pfgen": __version__}
 
 
 def _save_latents(latents: torch.Tensor, path: str | Path, prompt: str, seed: int) -> None:

@@ -25,6 +25,7 @@ TAE_REFERENCE = "madebyollin/taehv:safetensors/taew2_1.safetensors"  # the tiny 
 TRANSFORMER_PATTERNS = ("*.json", "*.safetensors")
 ROLE_PATTERNS = {"checkpoint": TRANSFORMER_PATTERNS, "wan_dir": WAN_PATTERNS, "decoder": ("*.safetensors",),
                  "lora": TRANSFORMER_PATTERNS}
+OPTIONS = {"checkpoint": "--checkpoint", "wan_dir": "--wan-dir", "decoder": "--decoder-weights", "lora": "--lora"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ def is_reference(value) -> bool:
     return parse_reference(value) is not None
 
 
+FORMS = "an existing path, org/name (a repo folder) or org/name:path/in/repo.pt (one file), with an optional @revision"
+
+
+def check_source(value: str | Path | None, option: str) -> None:
+    """A weights source is an existing local path or a well-formed reference; anything else (`org/`,
+    `a/b/c/d`, `org/name@`, `org/name@main:file.pt`, a missing file) is one line showing the valid forms."""
+    if value is None or is_reference(value) or Path(value).expanduser().exists():
+        return
+    raise PfgenError(f"{option} {value}: no such file or folder, and not a Hub reference", f"give {FORMS}")
+
+
 @dataclass(frozen=True)
 class Fetched:
     """One downloaded (or already cached) reference: the local path and its files."""
@@ -71,6 +83,7 @@ class Fetched:
 def resolve(value: str | None, role: str) -> str | None:
     """A local path for `value` (model.checkpoint or model.wan_dir): Hub references are downloaded or taken from
     the cache; local paths are returned unchanged."""
+    check_source(value, f"model.{role}")
     ref = parse_reference(value)
     return value if ref is None else str(fetch(ref, role).path)
 
@@ -97,6 +110,7 @@ def download_model(model_cfg) -> list[tuple[str, str, Fetched | None]]:
     out = []
     sources = [("checkpoint", model_cfg.checkpoint), ("wan_dir", model_cfg.wan_dir), ("decoder", decoder_source(model_cfg))]
     for role, value in sources + [("lora", lora.path) for lora in model_cfg.loras]:
+        check_source(value, OPTIONS[role])
         if value is not None:
             ref = parse_reference(value)
             out.append((role, value, fetch(ref, role) if ref is not None else None))

@@ -29,7 +29,7 @@ from pfgen.wan.text import TEXT_TOKENS
 GiB = 1024 ** 3
 MARGIN_FRACTION, MARGIN_MIN = 0.05, GiB // 2  # `auto` keeps this much of the free memory unused
 
-# Wan2.1-T2V-1.3B (DESIGN.md section 2), in diffusers' WanTransformer3DModel terms.
+# Wan2.1-T2V-1.3B (docs/design.md section 1), in diffusers' WanTransformer3DModel terms.
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 eps=1e-6, qk_norm="rms_norm_across_heads")

@@ -103,10 +103,12 @@ class atomic_output:  # noqa: N801 - used like contextlib.suppress: `with atomic
         try:
             if not self.tmp.exists():
                 raise PfgenError(f"nothing was written to {self.path}")
-            os.chmod(self.tmp, DIR_MODE if self.directory else FILE_MODE)
-            if self.directory and self.path.is_dir() and not any(self.path.iterdir()):
-                self.path.rmdir()
-            os.replace(self.tmp, self.path)
+            if self.directory:
+                _umask_modes(self.tmp)
+                self._replace_folder()
+            else:
+                os.chmod(self.tmp, FILE_MODE)
+                os.replace(self.tmp, self.path)
         except OSError as exc:
             self.discard()
             raise write_error(self.path, exc) from None
@@ -115,8 +117,30 @@ class atomic_output:  # noqa: N801 - used like contextlib.suppress: `with atomic
             raise
         return self.path
 
+    def _replace_folder(self) -> None:
+        """The finished folder takes the place of `path`; an existing folder there (the caller checked that
+        replacing it was asked for) is moved aside first and removed only after the rename."""
+        old = None
+        if self.path.is_dir() and not self.path.is_symlink():
+            if any(self.path.iterdir()):
+                old = temp_path(self.path)
+                os.replace(self.path, old)
+            else:
+                self.path.rmdir()
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            _remove(old)
+
     def discard(self) -> None:
         _remove(self.tmp)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Libraries write some files 0600 (safetensors); what pfgen writes follows the umask, like open() does."""
+    os.chmod(folder, DIR_MODE)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

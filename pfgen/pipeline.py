@@ -54,10 +54,16 @@ class PipelineOutput:
     path: Path | None = None
 
 
-def set_threads(threads: int | None) -> None:
-    """CPU threads for torch: as given, else the CPUs this process may run on (its affinity and cgroup quota),
-    never more: on a shared machine oversubscribed threads make a run ~10x slower."""
-    torch.set_num_threads(threads or usable_cpus())
+SMALL_MODEL_PARAMETERS = 50_000_000  # a DiT below this runs on one CPU thread by default (README, CPU threads)
+
+
+def set_threads(threads: int | None, parameters: int) -> None:
+    """CPU threads for torch: as given; else one for a small DiT (its ops take microseconds, so a second thread
+    only adds a barrier per op, and on a shared machine a descheduled thread stalls every op: measured up to
+    several times slower), else the CPUs this process may run on (its affinity and cgroup quota), never more."""
+    if threads is None:
+        threads = 1 if parameters < SMALL_MODEL_PARAMETERS else usable_cpus()
+    torch.set_num_threads(threads)
 
 
 def usable_cpus() -> int:
@@ -301,13 +307,28 @@ class Pipeline:
         frames = torch.cat([c.frames for c in chunks], dim=2)
         return PipelineOutput(latents=latents, frames=((frames.float().permute(0, 2, 3, 4, 1) + 1) / 2).cpu().numpy())
 
+    def video_metadata(self, prompt: str | None, seed: int | None, policy: str | None = None) -> dict:
+        """What an mp4 says about how it was made (title = prompt, comment = this as JSON), from the CLI and the
+        API alike."""
+        from pfgen import __version__
+
+        model = self.config.model
+        return {"prompt": prompt, "seed": seed, "config": model.name, "policy": policy or self.config.cache.policy,
+                "checkpoint": model.checkpoint, "pfgen": __version__}
+
     def write_mp4(self, prompt, path, fps: int | None = None, on_chunk=None, metadata: dict | None = None,
                   **kwargs) -> Path:
         """Stream a video into an mp4 (batch 1); the file appears only when complete and verified.
 
-        `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment."""
+        `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment; by
+        default `video_metadata` of the prompt (None for embeddings) and the generator's seed."""
         if path is None:
             raise PfgenError("output_type='mp4' needs output_path")
+        if metadata is None:
+            generator = kwargs.get("generator")
+            metadata = self.video_metadata(prompt if isinstance(prompt, str) else None,
+                                           generator.initial_seed() if generator is not None else None,
+                                           kwargs.get("policy"))
         height = kwargs.get("height") or self.config.video.height
         width = kwargs.get("width") or self.config.video.width
         self.latent_grid(height, width)
@@ -341,7 +362,6 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
                          runtime=dict(device=device, dtype=dtype, offload=offload))
     dev = resolve_device(cfg.runtime.device)
     dt = resolve_dtype(cfg.runtime.dtype, dev)
-    set_threads(cfg.runtime.threads)
     mode = cfg.runtime.offload
     if mode == "auto":  # on a GPU: the least offload that fits a 60 s video; a CPU has nothing to offload to
         mode = plan_memory(cfg, frames_for_seconds(60, cfg.video.fps), device=dev, dtype=dt).offload \
@@ -350,6 +370,7 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
 
     transformer, vae, encoder = load_components(cfg.model, dev, dt, mode)
     tae = load_decoder(cfg.model, dev, dt)  # 10 M parameters: stays on the device
+    set_threads(cfg.runtime.threads, sum(p.numel() for p in transformer.parameters()))
     pinned = ("text_encoder",) if cfg.model.text_encoder_device else ()
     modules = dict(text_encoder=encoder.encoder, transformer=transformer, vae=vae)
     return Pipeline(transformer, vae, encoder, cfg, dev, dt, Offload(mode, dev, modules, pinned), tae)

@@ -100,6 +100,20 @@ def _y_range(profiles: Mapping[str, np.ndarray]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def nice_ticks(lo: float, hi: float, most: int = 6) -> tuple[list[float], int]:
+    """Axis ticks inside [lo, hi] at multiples of a round step (1, 2 or 5 x 10^k; at most `most` of them), and
+    the decimals that print every tick exactly once: 0.0, 0.5, 1.0 rather than 0.013, 0.26, 0.51."""
+    span = hi - lo
+    if not (span > 0 and math.isfinite(span)):
+        return [lo], 2
+    power = 10.0 ** math.floor(math.log10(span / most))
+    step = next(power * m for m in (1, 2, 5, 10) if span / (power * m) <= most)
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [k * step for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return [round(t, decimals) + 0.0 for t in ticks], decimals
+
+
 def _draw_profiles(draw: ImageDraw.ImageDraw, profiles: Mapping[str, np.ndarray], px: int, py: int) -> None:
     """Axes with ticks, one polyline per type (gaps at NaN), legend top right."""
     font = _font()
@@ -113,11 +127,11 @@ def _draw_profiles(draw: ImageDraw.ImageDraw, profiles: Mapping[str, np.ndarray]
         x = left + (right - left) * (i / (n - 1) if n > 1 else 0.5)
         return x, bottom - (bottom - top) * (v - lo) / (hi - lo)
 
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
+    ticks, decimals = nice_ticks(lo, hi)
+    for v in ticks:
         _, y = xy(0, v)
         draw.line((left - 4, y, left, y), fill=INK)
-        draw.text((px + 2, y - 6), f"{v:.2g}", fill=INK, font=font)
+        draw.text((px + 2, y - 6), f"{v:.{decimals}f}", fill=INK, font=font)
     for i in range(0, n, max(1, math.ceil(n / 9))):
         x, _ = xy(i, lo)
         draw.line((x, bottom, x, bottom + 4), fill=INK)

@@ -177,6 +177,8 @@ class ChunkLoop:
             if t0 + frames < num_frames or commit_last:
                 self._commit(t0, x0, self.context_t, embeds, story, planned=False)
             yield x0
+        if story is not None:
+            story.finish()
 
     def _commit(self, t0: int, x0: torch.Tensor, t: float, embeds, story, planned: bool = True) -> None:
         """The clean pass at timestep `t` that writes a chunk's K/V (`planned`: begin its chunk first)."""

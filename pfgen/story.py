@@ -77,14 +77,27 @@ class Story:
         return switch.embeds
 
     def _typed(self) -> str | None:
-        """The newest line typed since the last chunk (earlier ones in the same chunk are superseded)."""
+        """The newest line typed since the last chunk (earlier ones in the same chunk are superseded); raises
+        the stdin reader's error, which ends the run."""
         line = None
         while self.inbox is not None:
             try:
                 line = self.inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(line, Exception):
+                raise line
         return line
+
+    def finish(self) -> None:
+        """After the last chunk: a stdin reader that failed since the last boundary still fails the run."""
+        while self.inbox is not None:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Exception):
+                raise item
 
     def committed(self, t0: int, x0: torch.Tensor, cache) -> None:
         """Keep the chunk's latents; drop those of chunks without a frame the cache still holds."""

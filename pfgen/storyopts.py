@@ -80,18 +80,20 @@ def check_fit(cfg, entries, state, num_frames: int, height: int | None, width: i
 def make_story(opts: StoryOptions, entries, console):
     """The run's Story: its timeline, stdin prompts with --interactive, and a stderr line per switch."""
     from pfgen.story import Story
+    from pfgen.words import shorten
 
     inbox = None
     if opts.interactive:
         from pfgen.interactive import read_prompts
 
-        inbox = read_prompts()
+        inbox = read_prompts(on_skip=lambda message: console.print(f"warning: {message}", highlight=False,
+                                                                   markup=False, soft_wrap=True))
         console.print("interactive: type a prompt and Enter to switch at the next chunk; Ctrl-D keeps the "
                       "current one", highlight=False)
 
     def announce(record):
         if record["latent_frame"] or record["source"] != "timeline":
             console.print(f"prompt switched at {record['seconds']:.2f} s (frame {record['video_frame']}): "
-                          f"{record['prompt']!r}", highlight=False, markup=False, soft_wrap=True)
+                          f"{shorten(record['prompt'])}", highlight=False, markup=False, soft_wrap=True)
 
     return Story(entries, recache=opts.recache, inbox=inbox, on_switch=announce)

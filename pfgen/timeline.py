@@ -59,16 +59,22 @@ def from_rows(rows, where: str) -> list[Entry]:
 
 
 def load_timeline(path: str | Path) -> list[Entry]:
-    """A YAML or JSON file holding a list of {at, prompt}."""
+    """A YAML or JSON file (UTF-8) holding a list of {at, prompt}."""
     import yaml
+
+    from pfgen.config import load_yaml
 
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise PfgenError(f"cannot read timeline {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PfgenError(f"timeline {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start})", "save it as UTF-8: a YAML or JSON list of {at: seconds, prompt: text}"
+                         ) from None
     try:
-        rows = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        rows = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError):
         raise PfgenError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}",
                          "write a list of {at: seconds, prompt: text}") from None
@@ -137,7 +143,7 @@ def resolve(entries: list[Entry], start: int, end: int, frames_per_chunk: int, f
     out: list[tuple[int, Entry]] = []
     duration = video_frame(end, start) / fps
     for entry in entries:
-        t0 = switch_frame(entry.at, start, frames_per_chunk, fps)
+        t0 = end if entry.at > duration else switch_frame(entry.at, start, frames_per_chunk, fps)  # 1e308 too
         if t0 >= end:
             raise PfgenError(f"the prompt at {entry.at:g} s comes after the end of the {duration:.2f} s video",
                              "lengthen the video (--seconds) or move the entry")

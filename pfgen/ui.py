@@ -10,36 +10,65 @@ from pfgen.timeline import video_frame
 from pfgen.words import count, format_bytes
 
 
+PLAIN_PROGRESS_EVERY_S = 10.0  # a non-terminal (CI log, `| tee`) gets a plain line this often, not a bar
+
+
 @contextmanager
 def chunk_progress(console, fps: int):
     """Progress over chunks: video seconds done, generation fps (video frames per wall second), ETA. The bar and
-    the ETA count DiT passes, so a first chunk with more steps (Causal Forcing++) does not skew them."""
+    the ETA count DiT passes, so a first chunk with more steps (Causal Forcing++) does not skew them. On a
+    terminal a live bar; elsewhere a plain line after the first chunk, every PLAIN_PROGRESS_EVERY_S seconds
+    and after the last, since a bar there is cut at the log's width."""
+    start = time.perf_counter()
+    if not console.is_terminal:
+        yield _plain_progress(console, fps, start)
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("generating"), BarColumn(), TextColumn("chunk {task.fields[done]}/{task.fields[chunks]}"),
                TextColumn("{task.fields[video]:.1f}/{task.fields[video_total]:.1f} s video"),
                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(), TextColumn("{task.fields[prompt]}"))
-    start = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("generate", total=None, done=0, chunks="?", video=0.0, video_total=0.0, fps=0.0, prompt="")
         switches = [0]
 
         def on_chunk(chunk, total_chunks):
-            per_chunk = chunk.latents.shape[2]
-            frames_done = video_frame(chunk.t0 + per_chunk, chunk.start)
-            frames_total = video_frame(chunk.start + total_chunks * per_chunk, chunk.start)
             if chunk.switch is not None:
                 switches[0] += 1
                 s = chunk.switch
                 if switches[0] > 1 or s["video_frame"]:  # a one-prompt video has nothing to report
                     progress.update(task, prompt=f"prompt {switches[0]} since {s['seconds']:.2f} s "
                                                  f"(frame {s['video_frame']})")
+            done = _chunk_status(chunk, total_chunks, fps, start)
             progress.update(task, completed=chunk.passes, total=chunk.passes_total, done=chunk.index + 1,
-                            chunks=total_chunks,
-                            video=frames_done / fps, video_total=frames_total / fps,
-                            fps=frames_done / (time.perf_counter() - start))
+                            chunks=total_chunks, **done)
 
         yield on_chunk
+
+
+def _chunk_status(chunk, total_chunks: int, fps: int, start: float) -> dict:
+    per_chunk = chunk.latents.shape[2]
+    frames_done = video_frame(chunk.t0 + per_chunk, chunk.start)
+    frames_total = video_frame(chunk.start + total_chunks * per_chunk, chunk.start)
+    return {"video": frames_done / fps, "video_total": frames_total / fps,
+            "fps": frames_done / (time.perf_counter() - start)}
+
+
+def _plain_progress(console, fps: int, start: float):
+    last = [None]
+
+    def on_chunk(chunk, total_chunks):
+        now, done = time.perf_counter(), chunk.index + 1
+        if last[0] is not None and done < total_chunks and now - last[0] < PLAIN_PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        status = _chunk_status(chunk, total_chunks, fps, start)
+        eta = (now - start) / chunk.passes * (chunk.passes_total - chunk.passes)  # passes: first chunks may take more
+        console.print(f"generating: chunk {done}/{total_chunks}, {status['video']:.1f}/{status['video_total']:.1f} s "
+                      f"of video, {status['fps']:.1f} fps, {eta:.0f} s left", highlight=False, markup=False,
+                      soft_wrap=True)
+
+    return on_chunk
 
 
 def print_cache_report(console, report: dict) -> None:
@@ -129,12 +158,14 @@ def print_head_counts(console, heads) -> None:
     console.print(table)
 
 
-def print_agreement(console, report: dict, other) -> None:
-    """Overall agreement, per-type recall/precision and the confusion matrix against another file."""
+def print_agreement(console, report: dict, reference) -> None:
+    """Overall agreement, per-type recall/precision of the new labels and the confusion matrix against the
+    reference file (`agreement(reference, new)`)."""
     from rich.table import Table
 
-    console.print(f"agreement with {other}: {report['agreement']:.1%} of {count(report['n'], 'head')}")
-    table = Table(title="confusion (rows: these labels, columns: the other file)", title_justify="left")
+    console.print(f"agreement with {reference}: {report['agreement']:.1%} of {count(report['n'], 'head')}")
+    table = Table(title=f"confusion (rows: {reference}, the reference; columns: the new labels)",
+                  title_justify="left")
     table.add_column("")
     for name in report["order"]:
         table.add_column(name, justify="right")
@@ -148,6 +179,23 @@ def print_agreement(console, report: dict, other) -> None:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+@contextmanager
+def hub_output(verbose: bool):
+    """huggingface_hub logs every retry of an unreachable Hub (11 lines over 25 s); pfgen prints the one line
+    of the final failure instead, and the retries only with --verbose. Download bars stay."""
+    if verbose:
+        yield
+        return
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 @contextmanager
@@ -167,7 +215,8 @@ def library_output(verbose: bool):
     diffusers_logging.disable_progress_bar()
     hub_utils.enable_progress_bars()  # downloads keep their bars (transformers' switch turns them off too)
     try:
-        yield
+        with hub_output(verbose):
+            yield
     finally:
         transformers_logging.set_verbosity(levels[0])
         diffusers_logging.set_verbosity(levels[1])

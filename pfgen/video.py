@@ -7,9 +7,11 @@ clears the cache on every call, so it cannot be used chunk by chunk).
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -117,15 +119,28 @@ def decoded_frames(path: str | Path) -> int:
     return int(counts[-1])
 
 
+_FFMETADATA_SPECIAL = re.compile(r"([=;#\\\n])")
+
+
+def _metadata_file(tags: dict[str, str]) -> str:
+    """The tags as an ffmetadata file in the temp folder (= ; # \\ and newlines escaped with a backslash)."""
+    fd, name = tempfile.mkstemp(prefix="pfgen-", suffix=".ffmetadata")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(";FFMETADATA1\n")
+        for key, value in tags.items():
+            f.write(key + "=" + _FFMETADATA_SPECIAL.sub(r"\\\1", str(value)) + "\n")
+    return name
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The container's metadata tags (what `Mp4Writer(metadata=...)` wrote)."""
     run = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
                          capture_output=True, text=True, errors="replace")
     tags = {}
-    for line in run.stdout.splitlines():
+    for line in re.findall(r"((?:\\.|[^\\\n])*)\n", run.stdout, re.DOTALL):  # an escaped newline continues
         if "=" in line and not line.startswith((";", "[")):
             key, value = line.split("=", 1)
-            tags[key] = re.sub(r"\\(.)", r"\1", value)  # ffmetadata escapes = ; # \ with a backslash
+            tags[key] = re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)  # = ; # \ and newline are escaped
     return tags
 
 
@@ -177,13 +192,19 @@ class Mp4Writer:
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
         self.frames_written = 0
-        tags = [arg for key, value in (metadata or {}).items() for arg in ("-metadata", f"{key}={value}")]
+        self._tags = _metadata_file(metadata) if metadata else None  # a file: a 1 MB prompt is no argument
+        tags = ["-f", "ffmetadata", "-i", self._tags, "-map_metadata", "1"] if self._tags else []
         cmd = [_ffmpeg(), "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0", "-an", "-c:v", "libx264",
-               "-preset", preset, "-crf", "18", "-pix_fmt", "yuv420p", *tags, str(self.tmp)]
+               "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0", *tags, "-map", "0:v", "-an",
+               "-c:v", "libx264", "-preset", preset, "-crf", "18", "-pix_fmt", "yuv420p", str(self.tmp)]
         # Own session: a Ctrl-C in the terminal reaches pfgen, which then stops ffmpeg itself.
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, start_new_session=True)
+        except BaseException:
+            self._remove_tags()
+            self._output.discard()
+            raise
         self._stderr: list[str] = []
         self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
         self._stderr_thread.start()
@@ -215,6 +236,7 @@ class Mp4Writer:
             self._worker.error = self._worker.error or exc
         code = self._proc.wait()
         self._stderr_thread.join()
+        self._remove_tags()
         try:
             if self._worker.error is not None or code != 0:
                 raise self._encoder_error()
@@ -233,7 +255,13 @@ class Mp4Writer:
             self._proc.kill()
             self._proc.wait()
         self._stderr_thread.join()
+        self._remove_tags()
         self._output.discard()
+
+    def _remove_tags(self) -> None:
+        if self._tags is not None:
+            os.unlink(self._tags)
+            self._tags = None
 
     def __enter__(self):
         return self

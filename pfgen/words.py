@@ -1,4 +1,4 @@
-"""English for messages and tables: one place for plurals ("1 head", "2 heads") and byte sizes."""
+"""English for messages and tables: one place for plurals ("1 head", "2 heads"), byte sizes and long texts."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """A prompt as status lines quote it: whole up to `limit` characters, else its start, '...' and its length
+    (metadata, manifests and states keep the whole text)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit - 3]!r}... ({len(text):,} characters)"

@@ -5,7 +5,8 @@ Serves files the test puts in `repos` (repo id -> {path in repo: bytes}) on 127.
   GET  /api/models/{repo}/tree/{rev}[/{path}]         the file list (recursive)
   HEAD /{repo}/resolve/{rev}/{path}                   metadata: ETag, X-Repo-Commit, Content-Length
   GET  /{repo}/resolve/{rev}/{path}                   the bytes, honouring `Range: bytes=N-` (206)
-Failure modes, per repo or file, for the error lines: `status[repo] = (code, X-Error-Code or None)`;
+Failure modes, per repo or file, for the error lines: `status[repo] = (code, X-Error-Code or None)` (a 5xx
+answer says Retry-After: 0, so the client's retries take seconds);
 `drop_once` (paths whose first GET is cut after half the bytes: the client resumes with a Range request);
 `short` (paths whose GET sends half the bytes while HEAD announced all: a partial download).
 Every request is recorded in `requests` as (method, path, Range header).
@@ -73,7 +74,10 @@ class Hub:
             return self._send(req, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
         if repo in self.status:
             code, error_code = self.status[repo]
-            return self._send(req, code, b"{}", {"X-Error-Code": error_code} if error_code else {}, head)
+            headers = {"X-Error-Code": error_code} if error_code else {}
+            if code >= 500:
+                headers["Retry-After"] = "0"  # the client retries at once (about 1 s apart), not over 25 s
+            return self._send(req, code, b"{}", headers, head)
         files, sha = self.repos[repo], self.sha(repo)
         if api and (not rest or rest[0] == "revision"):
             return self._json(req, {"id": repo, "sha": sha, "siblings": [{"rfilename": p} for p in files]}, head)

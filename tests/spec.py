@@ -1,4 +1,4 @@
-"""An independent, literal reading of DESIGN.md section 3 for the tests: sets in, key lists out.
+"""An independent, literal reading of docs/design.md section 2 for the tests: sets in, key lists out.
 
 Nothing here is shared with pfgen.cache: the tests compare pfgen's plans and attention outputs to it.
 """

@@ -1,4 +1,4 @@
-"""The cache engine against a literal reading of DESIGN.md section 3 (tests/spec.py)."""
+"""The cache engine against a literal reading of docs/design.md section 2 (tests/spec.py)."""
 
 import dataclasses
 import os
@@ -55,7 +55,8 @@ def test_plan_equals_brute_force(kind, frames_per_chunk):
 
 
 def test_steady_state_budgets():
-    """DESIGN budgets at 1560 tokens/frame: wave 9 frames, anchor 11, veil 7 + 4 (or 3) merged blocks."""
+    """docs/design.md section 2 budgets at 1560 tokens/frame: wave 9 frames, anchor 11, veil 7 + 4 (or 3) merged
+    blocks."""
     cfg = CacheConfig()
     sizes = {}
     for kind in ("wave", "anchor", "veil"):

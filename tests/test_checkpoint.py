@@ -2,6 +2,7 @@
 and the one-line errors for everything that can be wrong with them. Tiny random models, CPU, float32."""
 
 import re
+import stat
 
 import pytest
 import torch
@@ -264,3 +265,26 @@ def test_original_wan_safetensors_layout_loads(tiny, tmp_path):
     save_file({k[len("model."):]: v.contiguous() for k, v in wan_state(tiny).items()},
               str(folder / "diffusion_pytorch_model.safetensors"))
     assert_same_weights(load(str(folder)), tiny)
+
+
+def test_convert_overwrite_replaces_the_folder_with_umask_permissions(tiny, pt, tmp_path, capsys):
+    """`convert -y` replaces a folder from an earlier conversion (nothing of it stays), and every file it writes
+    follows the umask like any file pfgen writes (safetensors' own writer makes them 0600)."""
+    from pfgen.outputs import DIR_MODE, FILE_MODE
+
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "stale.safetensors").write_bytes(b"from an older conversion")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["convert", pt, "-o", str(out), "--num-heads", str(HEADS), "-y"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert "stale.safetensors" not in names and "config.json" in names
+    assert_same_weights(load(out), tiny)
+    assert stat.S_IMODE(out.stat().st_mode) == DIR_MODE
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {FILE_MODE}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no partial folder, no moved-aside one
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["convert", pt, "-o", str(tmp_path / "notes.txt"), "-y"])
+    assert exit_.value.code == 1 and "notes.txt is a file" in capsys.readouterr().err

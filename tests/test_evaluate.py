@@ -62,7 +62,7 @@ def write_mp4(path, video_frames, *extra):
 def planted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted")
     videos = {kind: write_mp4(folder / f"{kind}.mp4", frames(kind)) for kind in DEFECTS}
-    videos["short"] = write_mp4(folder / "short.mp4", frames("stable", seconds=3))  # for videos never compared
+    videos["short"] = write_mp4(folder / "short.mp4", frames("stable", seconds=5))  # for videos never compared
     return videos
 
 

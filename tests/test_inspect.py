@@ -46,7 +46,7 @@ def test_closed_form_equals_simulation(kind, frames_per_chunk, cfg):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_far_frames_match_the_spec(kind):
-    """Far past the simulated stretch, the moved plan is DESIGN.md section 3 read literally (tests/spec.py)."""
+    """Far past the simulated stretch, the moved plan is docs/design.md section 2 read literally (tests/spec.py)."""
     cfg = CacheConfig()
     far = MAX_FULL_FRAME - 5 if kind == "full" else 123_456
     for t_q in range(far, far + 3):

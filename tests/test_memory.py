@@ -40,7 +40,7 @@ def test_kv_figure_equals_the_allocated_cache(policy, shape):
     for latent, dtype in ((240, torch.bfloat16), (2400, torch.float32)):
         want = allocated_kv(cfg, types, arch, grid, latent, dtype)
         assert kv_cache_bytes(cfg, types, arch, grid, latent, dtype) == want
-    if shape == "1.3b" and policy == "rolling":  # DESIGN.md section 6: 274 MiB per latent frame, 21 frames
+    if shape == "1.3b" and policy == "rolling":  # docs/design.md section 3: 274 MiB per latent frame, 21 frames
         assert want == 30 * 12 * 21 * 1560 * 128 * 2 * 4
         assert kv_cache_bytes(cfg, types, arch, grid, 240, torch.bfloat16) / 21 / 2 ** 20 == pytest.approx(274, 0.01)
 
@@ -64,7 +64,7 @@ def test_plan_of_the_bundled_config_needs_no_file_and_respects_dtype_and_device(
     assert m["peak_bytes"] == bf16.peaks["none"] and bf16.device_total_bytes is None
     from diffusers import WanTransformer3DModel
 
-    with torch.device("meta"):  # the known architecture has the checkpoint's 825 tensors (DESIGN.md section 2)
+    with torch.device("meta"):  # the known architecture has the checkpoint's 825 tensors (docs/design.md section 1)
         assert len(WanTransformer3DModel(**WAN_1_3B).state_dict()) == 825
 
 

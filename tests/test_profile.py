@@ -273,3 +273,40 @@ def test_unwritable_output_folder(option, error, profiled, tmp_path, capsys, mon
     reason = "Read-only file system" if error == "read-only" else "No space left on device"
     assert f"cannot write {bad if error == 'read-only' else bad / name}: {reason}" in err
     assert list(bad.iterdir()) == []
+
+
+def test_compare_takes_the_reference_file_as_the_truth(profiled, capsys, tmp_path):
+    """--compare REF: rows are REF's labels, recall = share of REF's heads of a type the new labels find,
+    precision = share of the new labels of a type REF confirms. New labels all veil (thresholds), REF: layer 0
+    anchor, the rest veil -> veil recall 100 %, precision 75 %; anchor recall 0 %, no precision."""
+    work, _ = profiled
+    reference = tmp_path / "published.json"
+    HeadTypes.from_rows([["anchor"] * 4] + [["veil"] * 4] * 3, "tiny").save(reference)
+    code, _, err = run_cli(["profile-heads", "--from-stats", str(work / "stats.safetensors"), "-o",
+                            str(tmp_path / "new.json"), "-t", "veil_max_middle=1e9", "-t", "anchor_min_middle=1e9",
+                            "-t", "min_periodic_energy=1", "--compare", str(reference)], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.split()[:1] in
+            (["anchor"], ["wave"], ["veil"])}
+    assert rows["anchor"] == ["0", "0", "4", "0%", "-"] and rows["veil"] == ["0", "0", "12", "100%", "75%"]
+    assert "agreement with " in err and "75.0% of 16 heads" in err
+    assert err.splitlines()[-1] == f"wrote {tmp_path / 'new.json'}: 0 anchor, 0 wave, 16 veil of 16 heads"
+
+
+def test_profile_outputs_follow_the_overwrite_rule(profiled, capsys, tmp_path):
+    work, _ = profiled
+    stats = ["profile-heads", "--from-stats", str(work / "stats.safetensors")]
+    for option, name in (("-o", "h.json"), ("--plot", "h.png")):
+        taken = tmp_path / name
+        taken.write_text("mine")
+        others = ["-o", str(tmp_path / "other.json")] if option != "-o" else []
+        code, _, err = run_cli([*stats, *others, option, str(taken)], capsys)
+        assert code == 1 and f"{taken} already exists (pass --overwrite (-y)" in err and taken.read_text() == "mine"
+        code, _, err = run_cli([*stats, *others, option, str(taken), "-y"], capsys)
+        assert code == 0, err
+        assert taken.read_bytes() != b"mine"
+
+
+def test_profile_heads_takes_threads(capsys, tmp_path):
+    code, _, err = run_cli(["profile-heads", "-o", str(tmp_path / "h.json"), "--threads", "0"], capsys)
+    assert code == 1 and "--threads must be at least 1" in err

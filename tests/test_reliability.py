@@ -321,35 +321,63 @@ def test_signal_removes_the_partial_and_says_one_line(sig, code, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+# A process that takes an output's lock the way a run does (pfgen.outputs.output_lock) and leaves a partial file of
+# its own there, then holds both until killed: the lock tests need a run in progress, not a long video.
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pfgen.outputs import output_lock, temp_path
+target, partial = Path(sys.argv[1]), Path(sys.argv[2])
+with output_lock(target):
+    temp_path(partial).write_bytes(b"half a video")
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold(target: str, partial: str, cwd: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, target, partial], cwd=cwd, env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "holding\n"
+    return holder
+
+
 def test_two_runs_on_one_output(tmp_path):
-    first = _start(["--seconds", "30", "-o", "same.mp4"], tmp_path)
-    _wait_for_partial(tmp_path, first)
-    second = _start(["--seconds", "2", "-o", "same.mp4"], tmp_path)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 1
-    assert f"another pfgen run (pid {first.pid}) is writing same.mp4" in one_line_error(err)
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    """A second run on an output being written is refused with the first one's pid; once the first dies (even by
+    SIGKILL, which skips every cleanup), the output is free again."""
+    first = _hold("same.mp4", "same.mp4", tmp_path)
+    try:
+        second = _start([*SMALL, "-o", "same.mp4"], tmp_path)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1
+        assert f"another pfgen run (pid {first.pid}) is writing same.mp4" in one_line_error(err)
+        assert not (tmp_path / "same.mp4").exists()
+    finally:
+        first.kill()
+        first.wait()
+    third = _start([*SMALL, "-o", "same.mp4"], tmp_path)
+    _, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err
     from pfgen.video import decoded_frames
 
-    assert decoded_frames(tmp_path / "same.mp4") == 1 + 4 * (30 * 16 // 4 - 1) and not leftovers(tmp_path)
+    assert decoded_frames(tmp_path / "same.mp4") == 21
 
 
 def test_two_batch_runs_on_one_folder(tmp_path):
+    """The second batch run is refused before its start-up cleanup could touch the first one's partial video."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a kite\na cat\n")
-    args = ["--prompts", str(prompts), "--output-dir", "out", "--seconds", "20"]
-    first = _start(args, tmp_path)
-    _wait_for_partial(tmp_path / "out", first)
-    partial = [p for p in (tmp_path / "out").iterdir() if is_partial(p)]
-    second = _start(args, tmp_path)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 1 and f"another pfgen run (pid {first.pid}) is writing out" in one_line_error(err)
-    assert all(p.exists() for p in partial)  # the second run's start-up cleanup left the first one's work alone
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000-a-kite.mp4", "0001-a-cat.mp4",
-                                                                     "manifest.jsonl"]
+    prompts.write_text("a kite\n")
+    (tmp_path / "out").mkdir()
+    first = _hold("out", "out/0000-a-kite.mp4", tmp_path)
+    try:
+        partial = [p for p in (tmp_path / "out").iterdir() if is_partial(p)]
+        second = _start(["--prompts", str(prompts), "--output-dir", "out", *SMALL], tmp_path)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1 and f"another pfgen run (pid {first.pid}) is writing out" in one_line_error(err)
+        assert len(partial) == 1 and partial[0].exists()  # the first run's work is left alone
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_stale_partials_of_live_processes_are_kept(tmp_path):

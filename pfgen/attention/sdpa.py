@@ -1,4 +1,5 @@
-"""Reference backend: spell out every query frame's key list at the positions DESIGN.md gives, then torch SDPA.
+"""Reference backend: spell out every query frame's key list at the positions docs/design.md section 2 gives,
+then torch SDPA.
 
 Slow on purpose only where it must be: it copies and re-rotates history keys for each query frame, and groups
 query frames of equal key length into one batched call. Faster backends are checked against it.

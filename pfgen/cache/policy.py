@@ -10,7 +10,7 @@ in slots of two memory regions that `cache.store` allocates per (layer, type):
   It has `partitions` (one per wave phase) so that the query frames of a chunk read adjacent partitions.
 
 Containers are FIFOs filled from their first slot, so what a chunk reads is almost always one contiguous
-run of slots (a free view in the attention backends). DESIGN.md section 3 is the specification.
+run of slots (a free view in the attention backends). docs/design.md section 2 is the specification.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ class _Fifo:
 
 
 class PyramidRule(Rule):
-    """anchor / wave / veil: sink + a middle container + the recent window (DESIGN.md section 3).
+    """anchor / wave / veil: sink + a middle container + the recent window (docs/design.md section 2).
 
     middle = "stride" (anchor): committed t >= sink with t % stride == 0, latest `capacity`;
              "cyclic" (wave):   committed t >= sink in the bucket of phase t % period, latest `capacity`;

@@ -13,7 +13,8 @@ from pathlib import Path
 from pfgen.errors import PfgenError
 from pfgen.evaluate.deep import DEEP_WORSE, DEFAULT_CLIP, ClipScorer, add_deep_windows
 from pfgen.evaluate.metrics import WORSE, FrameFeatures, summarize, window_metrics
-from pfgen.evaluate.videos import Comparison, VideoRef, prompt_from_metadata, read_video, select_videos
+from pfgen.evaluate.videos import (Comparison, VideoRef, prompt_from_metadata, read_video, select_videos,
+                                   shorter_than_window)
 from pfgen.evaluate.world import WORLD_WORSE, add_world_windows, world_scene
 from pfgen.world.score import WorldTrack
 
@@ -32,6 +33,10 @@ def check_request(req: EvaluateRequest) -> None:
         raise PfgenError(f"--window must be a positive number of seconds, got {req.window_s}")
     if not req.deep and (req.prompt is not None or req.clip_model is not None):
         raise PfgenError("--prompt and --clip-model are for --deep", "add --deep")
+    clip = req.clip_model
+    if clip is not None and clip.startswith((".", "/", "~")) and not Path(clip).expanduser().exists():
+        raise PfgenError(f"--clip-model: no such folder {clip}",
+                         "give a folder written by CLIPModel.save_pretrained, or a Hugging Face id (org/name)")
 
 
 def evaluate(req: EvaluateRequest, on_video=lambda done, total, label: None) -> dict:
@@ -59,7 +64,7 @@ def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, war
                    scene=None) -> dict:
     """Decode once; per-frame features -> windows -> summary (plus CLIP scores with --deep, and the world
     metrics when the prompt is a world-grammar sentence)."""
-    meta, frames = read_video(ref.path)
+    meta, frames = read_video(ref.path, min_seconds=req.window_s)
     features = FrameFeatures()
     sampler = scorer.sampler(meta.fps) if scorer is not None else None
     track = WorldTrack(scene) if scene is not None else None
@@ -69,6 +74,8 @@ def evaluate_video(ref: VideoRef, req: EvaluateRequest, scorer, worse: dict, war
             sampler.add(frame)
         if track is not None:
             track.add(frame)
+    if len(features) < round(req.window_s * meta.fps):
+        raise shorter_than_window(ref.path, len(features) / meta.fps, req.window_s)
     windows = window_metrics(features, meta.fps, req.window_s)
     result = {"label": ref.label, "path": str(ref.path), "policy": ref.policy, "fps": meta.fps,
               "width": meta.width, "height": meta.height, "frames": len(features),

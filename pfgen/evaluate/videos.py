@@ -122,8 +122,14 @@ def _ffmpeg_failure(path: Path, exc: Exception) -> PfgenError:
     return PfgenError(f"cannot read video {path}: {reason}", "the file is damaged, truncated or not a video")
 
 
-def read_video(path: Path) -> tuple[VideoMeta, Iterator[np.ndarray]]:
-    """The video's metadata and an iterator over its (H, W, 3) uint8 RGB frames.
+def shorter_than_window(path: Path, seconds: float, window_s: float) -> PfgenError:
+    return PfgenError(f"{path} is {seconds:.2f} s long, shorter than one {window_s:g} s window",
+                      f"give --window {max(seconds, 0.01):.2f} or less, or a longer video")
+
+
+def read_video(path: Path, min_seconds: float = 0.0) -> tuple[VideoMeta, Iterator[np.ndarray]]:
+    """The video's metadata and an iterator over its (H, W, 3) uint8 RGB frames; a still image, or a video
+    shorter than `min_seconds` by its container, is refused before decoding.
 
     The iterator raises a one-line error if the file ends before its container says it should (truncated)."""
     import imageio_ffmpeg
@@ -135,9 +141,14 @@ def read_video(path: Path) -> tuple[VideoMeta, Iterator[np.ndarray]]:
         raise _ffmpeg_failure(path, exc) from None
     width, height = info["size"]
     meta = VideoMeta(float(info.get("fps") or 0.0), width, height, float(info.get("duration") or 0.0))
-    if meta.fps <= 0:
+    if meta.fps <= 0 or meta.duration_s <= 0:  # a still image (a PNG renamed .mp4) has no duration
         reader.close()
-        raise PfgenError(f"cannot read video {path}: no frame rate", "the file is damaged or not a video")
+        codec = str(info.get("codec") or "unknown").strip(", ")
+        raise PfgenError(f"{path} is not a video (ffmpeg reads one {codec} image, with no duration)",
+                         f"give {', '.join(VIDEO_SUFFIXES)} video files")
+    if meta.duration_s < min_seconds - 0.5 / meta.fps:  # the container's duration is rounded; decoding decides
+        reader.close()
+        raise shorter_than_window(path, meta.duration_s, min_seconds)
     return meta, _frames(path, reader, meta)
 
 

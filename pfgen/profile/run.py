@@ -29,6 +29,7 @@ class ProfileRequest:
     width: int | None = None
     keep_parts: bool = False
     reference: HeadTypes | None = None  # the --compare file, read before any work
+    overwrite: bool = False  # replace existing --output / --stats-out / --plot files
 
     @property
     def parts(self) -> Path:
@@ -41,9 +42,11 @@ def check_request(req: ProfileRequest) -> ProfileRequest:
     if req.from_stats is not None and req.stats_out is not None:
         raise PfgenError("--stats-out writes the statistics of a calibration run; --from-stats has none to write",
                          "drop --stats-out")
-    output = check_output_path(req.output, ".json", option="--output")
-    stats_out = check_output_path(req.stats_out, ".safetensors", option="--stats-out") if req.stats_out else None
-    plot = check_output_path(req.plot, ".png", option="--plot") if req.plot else None
+    replace_ok = req.overwrite
+    output = check_output_path(req.output, ".json", option="--output", overwrite=replace_ok)
+    stats_out = check_output_path(req.stats_out, ".safetensors", option="--stats-out", overwrite=replace_ok) \
+        if req.stats_out else None
+    plot = check_output_path(req.plot, ".png", option="--plot", overwrite=replace_ok) if req.plot else None
     check_outputs(output=output, stats_out=stats_out, plot=plot)
     reference = None
     if req.compare is not None:
@@ -131,6 +134,8 @@ def classify_statistics(stats: Statistics, thresholds: Thresholds, expected_mode
 
 
 def compare_with(heads: HeadTypes, req: ProfileRequest) -> dict:
-    """Agreement of the new labels with the --compare file (already read and checked)."""
-    return agreement(heads.types, req.reference.types)
+    """Agreement of the new labels with the --compare file (already read and checked), which is the reference:
+    recall = share of its heads of a type the new labels find, precision = share of the new labels' heads of
+    a type it confirms."""
+    return agreement(req.reference.types, heads.types)
 

@@ -218,12 +218,20 @@ def load_transformer(model_cfg, dtype: torch.dtype):
     return model
 
 
-def save_diffusers(model, directory: str | Path) -> Path:
+def check_diffusers_output(directory: Path, overwrite: bool) -> None:
+    """The folder `save_diffusers` may write: new, empty, or (with `overwrite`) replaced; never a file."""
+    if directory.exists() and not directory.is_dir():
+        raise PfgenError(f"output {directory} is a file", "give a folder name")
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise PfgenError(f"output folder {directory} already exists",
+                         "pass --overwrite (-y) to replace it, or choose a new folder")
+
+
+def save_diffusers(model, directory: str | Path, overwrite: bool = False) -> Path:
     """Write a folder `WanTransformer3DModel.from_pretrained` loads on its own (written to a temp dir, then
-    renamed, so an interrupted conversion leaves nothing behind)."""
+    renamed, so an interrupted conversion leaves nothing behind; with `overwrite` it replaces a folder there)."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise PfgenError(f"output folder {directory} exists and is not empty", "choose a new folder")
+    check_diffusers_output(directory, overwrite)
     with atomic_output(directory, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     return directory
