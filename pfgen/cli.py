@@ -211,8 +211,8 @@ def generate(
     decoder: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=MODEL,
                                           help="wan (the Wan VAE) or tae (the tiny TAEHV decoder, fast)"),
     decoder_weights: Optional[str] = typer.Option(None, metavar="PATH|REF", rich_help_panel=MODEL,
-                                                  help="tae weights, a path or Hub reference (default "
-                                                       "madebyollin/taehv:safetensors/taew2_1.safetensors)"),
+                                                  help="tae weights, a path or Hub reference (default: "
+                                                       "taew2_1 of madebyollin/taehv)"),
     lora: LoraOpt = None,
     image: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel=STORY,
                                          help="image-to-video: the first frame (frame-wise students)"),

@@ -113,7 +113,7 @@ def test_rerun_resumes_from_saved_prompts(profiled, capsys, monkeypatch):
         raise AssertionError("a finished prompt was profiled again")
 
     monkeypatch.setattr(calibrate, "_profile_one", fail)
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli([*args, "-y"], capsys)  # the same outputs again: replacing them is asked for
     assert code == 0, err
 
 
@@ -201,8 +201,8 @@ def test_parts_are_keyed_on_every_capture_setting(profiled, tmp_path, capsys, mo
     monkeypatch.setattr(calibrate, "_profile_one", fake_profile(calls))
     base = [a for a in args if a != "--stats-out"]
     base = base[:base.index(str(work / "stats.safetensors"))] + base[base.index("--plot"):]
-    base = [*base[:base.index("-o")], "-o", str(tmp_path / "h.json"), "--work-dir", str(parts),
-            *base[base.index("-o") + 2:]]
+    base = [*base[:base.index("-o")], "-o", str(tmp_path / "h.json"), "--work-dir", str(parts), "-y",
+            *base[base.index("-o") + 2:]]  # each rerun replaces the head file
     for stale, (change, value) in enumerate((("--seed", "5"), ("--height", "64"), ("--seconds", "3")), 1):
         calls.clear()
         code, _, err = run_cli([*base, change, value], capsys)
@@ -286,8 +286,8 @@ def test_compare_takes_the_reference_file_as_the_truth(profiled, capsys, tmp_pat
                             str(tmp_path / "new.json"), "-t", "veil_max_middle=1e9", "-t", "anchor_min_middle=1e9",
                             "-t", "min_periodic_energy=1", "--compare", str(reference)], capsys)
     assert code == 0, err
-    rows = {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.split()[:1] in
-            (["anchor"], ["wave"], ["veil"])}
+    cells = [line.replace("│", " ").split() for line in err.splitlines()]  # the confusion table's rows
+    rows = {c[0]: c[1:] for c in cells if c[:1] in (["anchor"], ["wave"], ["veil"])}
     assert rows["anchor"] == ["0", "0", "4", "0%", "-"] and rows["veil"] == ["0", "0", "12", "100%", "75%"]
     assert "agreement with " in err and "75.0% of 16 heads" in err
     assert err.splitlines()[-1] == f"wrote {tmp_path / 'new.json'}: 0 anchor, 0 wave, 16 veil of 16 heads"

@@ -42,6 +42,9 @@ def check_request(req: ProfileRequest) -> ProfileRequest:
     if req.from_stats is not None and req.stats_out is not None:
         raise PfgenError("--stats-out writes the statistics of a calibration run; --from-stats has none to write",
                          "drop --stats-out")
+    if req.compare is not None and req.compare.expanduser().resolve() == req.output.expanduser().resolve():
+        raise PfgenError(f"--output and --compare are the same file ({req.output})",
+                         "write the new labels to another file and compare them with this one")
     replace_ok = req.overwrite
     output = check_output_path(req.output, ".json", option="--output", overwrite=replace_ok)
     stats_out = check_output_path(req.stats_out, ".safetensors", option="--stats-out", overwrite=replace_ok) \
@@ -50,9 +53,6 @@ def check_request(req: ProfileRequest) -> ProfileRequest:
     check_outputs(output=output, stats_out=stats_out, plot=plot)
     reference = None
     if req.compare is not None:
-        if req.compare.expanduser().resolve() == output.resolve():
-            raise PfgenError(f"--output and --compare are the same file ({output})",
-                             "write the new labels to another file and compare them with this one")
         reference = HeadTypes.load(req.compare.expanduser())
     req = replace(req, output=output, stats_out=stats_out, plot=plot, reference=reference)
     if req.from_stats is None:
