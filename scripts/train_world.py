@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pfgen.config import RollingConfig
+from pfgen.rope import apply_rope, complex_table
 from pfgen.world.grammar import sample_scene
 from pfgen.world.render import WorldVideo
 from pfgen.world.model import HEIGHT, WIDTH, WORLD_TEXT, WORLD_TRANSFORMER, WORLD_VAE
@@ -221,16 +222,9 @@ class MaskedSelfAttention:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        cos, sin = rotary_emb
-
-        def rot(x):
-            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-            out = torch.empty_like(x)
-            out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
-            out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
-            return out
-
-        out = F.scaled_dot_product_attention(rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2),
+        table = complex_table(*rotary_emb)  # pfgen's own rotation of diffusers' (cos, sin)
+        q, k = apply_rope(q, table), apply_rope(k, table)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=MaskedSelfAttention.mask)
         return attn.to_out[0](out.transpose(1, 2).flatten(2))
 
