@@ -1,16 +1,20 @@
-"""The world model's architecture (torch-free data): the real Wan classes at toy sizes, 64x96 video.
+"""The world model, pfgen's embedded default (torch-free data): the real Wan classes at toy sizes, 64x96 video.
 
 scripts/train_world.py trains these from scratch on 2 CPU cores and writes a diffusers folder (transformer/,
-vae/, text_encoder/, tokenizer/) that loads through the ordinary real-weights path
-(`--checkpoint DIR/transformer --wan-dir DIR`). docs/world.md says where its training stands.
+vae/, text_encoder/, tokenizer/); the trained one ships in WEIGHTS and loads through the ordinary real-weights
+path (`--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS`). docs/world.md has its training and its figures.
 """
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).with_name("weights")
 
 HEIGHT, WIDTH = 64, 96
 WORLD_TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
     text_dim=64, freq_dim=64, ffn_dim=384, num_layers=6, cross_attn_norm=True, eps=1e-6,
 )
-WORLD_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+WORLD_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=1,
                  temperal_downsample=[False, True, True])
 WORLD_TEXT = dict(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=32, relative_attention_max_distance=64)
