@@ -15,6 +15,7 @@ confidence intervals (2000 resamples of the videos).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -60,13 +61,13 @@ def load(args):
 
 
 def run_video(pipe, prompt: str, seed: int, seconds: float, policy: str, timeline=None, recache=True,
-              also=None):
+              also=None, mp4=None):
     """(WorldTrack of the video, wall seconds); frames are scored as they stream, against `prompt` and, when
-    given, also against the prompt `also` (its track is the third item)."""
+    given, also against the prompt `also` (its track is the third item). `mp4`: also write the video there."""
     import torch
 
     from pfgen.frames import frames_for_seconds
-    from pfgen.video import to_uint8_frames
+    from pfgen.video import Mp4Writer, to_uint8_frames
     from pfgen.world.grammar import parse
     from pfgen.world.score import WorldTrack
 
@@ -75,12 +76,17 @@ def run_video(pipe, prompt: str, seed: int, seconds: float, policy: str, timelin
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     kwargs = dict(timeline=timeline, recache=recache) if timeline else dict(prompt=prompt)
-    for chunk in pipe.stream(num_frames=frames_for_seconds(seconds, FPS), generator=generator, policy=policy,
-                             **kwargs):
-        for frame in to_uint8_frames(chunk.frames[0]):
-            track.add(frame)
-            if other is not None:
-                other.add(frame)
+    video = pipe.config.video
+    with Mp4Writer(mp4, video.width, video.height, FPS) if mp4 else contextlib.nullcontext() as writer:
+        for chunk in pipe.stream(num_frames=frames_for_seconds(seconds, FPS), generator=generator, policy=policy,
+                                 **kwargs):
+            frames = to_uint8_frames(chunk.frames[0])
+            if writer is not None:
+                writer.write(frames)
+            for frame in frames:
+                track.add(frame)
+                if other is not None:
+                    other.add(frame)
     if other is not None:
         return track, time.perf_counter() - started, other
     return track, time.perf_counter() - started
@@ -177,13 +183,21 @@ def cmd_policies(args) -> dict:
         raise SystemExit("policies needs --heads (the model's head-type file, from pfgen profile-heads)")
     pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
+    manifest = []
     for policy in ("rolling", "pyramid", "full"):
         rows = []
         for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
-            track, wall = run_video(pipe, prompt, seed, args.seconds, policy)
+            mp4 = None
+            if args.videos:  # DIR/POLICY/N.mp4 and DIR/manifest.jsonl, for `pfgen evaluate DIR --plot`
+                (args.videos / policy).mkdir(parents=True, exist_ok=True)
+                mp4 = args.videos / policy / f"{n:02d}.mp4"
+                manifest.append({"file": f"{policy}/{n:02d}.mp4", "policy": policy, "prompt": prompt})
+            track, wall = run_video(pipe, prompt, seed, args.seconds, policy, mp4=mp4)
             rows.append(video_row(track, args.seconds, wall))
             print(f"{policy} {n + 1}/{args.pairs} {wall:.1f}s", file=sys.stderr, flush=True)
         out["policies"][policy] = {"summary": summarize_rows(rows), "rows": rows}
+    if args.videos:
+        (args.videos / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     return out
 
 
@@ -285,6 +299,7 @@ def main() -> None:
     parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--videos", type=Path, default=None, help="policies: also write the mp4s and a manifest here")
     args = parser.parse_args()
     if args.command == "switch" and args.seconds == 60.0:
         args.seconds = 10.0

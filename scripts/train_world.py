@@ -453,7 +453,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
     parser.add_argument("--pool", type=int, default=600, help="training clips encoded for the DiT stage")
-    parser.add_argument("--dit-steps", type=int, default=1800)
+    parser.add_argument("--dit-steps", type=int, default=3600)
     parser.add_argument("--dit-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

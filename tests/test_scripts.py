@@ -85,6 +85,29 @@ def test_train_world_mask_is_the_rolling_cache():
         assert set(mask[row].nonzero().flatten().tolist()) == clean | noisy_keys, (row, t)
 
 
+def test_train_world_framewise_vae_is_diffusers_own_forward():
+    """The training-time one-tap convolutions (train_world.make_framewise) compute what diffusers' own
+    AutoencoderKLWan computes with the same weights (zero taps on earlier frames): the exported VAE is the one
+    that was trained. 17 frames: the first frame alone, then the cached 4-frame steps."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    sys.path.insert(0, str(SCRIPTS))
+    from train_world import init_vae, make_framewise
+    from pfgen.world.model import WORLD_VAE
+
+    torch.manual_seed(0)
+    trained = make_framewise(init_vae(AutoencoderKLWan(**WORLD_VAE)))
+    plain = AutoencoderKLWan(**WORLD_VAE)
+    plain.load_state_dict(trained.state_dict())
+    x = torch.rand(1, 3, 17, 32, 48) * 2 - 1
+    with torch.no_grad():
+        z = trained.encode(x).latent_dist.mode()
+        torch.testing.assert_close(z, plain.encode(x).latent_dist.mode(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(trained.decode(z).sample, plain.decode(z).sample, atol=1e-5, rtol=1e-5)
+    assert z.shape == (1, 16, 5, 4, 6) and z.std() > 0.1  # He init: the latents carry the input
+
+
 def test_bench_decoders_tiny(tmp_path):
     report, markdown, _ = run_script("bench_decoders.py", "--tiny", "--chunks", "2", tmp_path=tmp_path)
     assert report["video_frames_per_chunk"] == 12 and len(report["runs_ms"]["tae"]) == 2
