@@ -15,6 +15,7 @@ from pfgen.outputs import PreviousVersion, atomic_output, signals_deferred, writ
 from pfgen.pipeline import Pipeline
 from pfgen.story import Story
 from pfgen.timeline import Entry, video_frame
+from pfgen.video import Mp4Writer, mp4_tags, to_uint8_frames
 from pfgen.words import count, format_bytes, shorten
 
 
@@ -80,7 +81,6 @@ def generate_video(pipe: Pipeline, prompt: str | None, output: str | Path | None
     and the exception says so (`kept`); otherwise nothing of it is left and the state file holds what it held
     before the run."""
     from pfgen.state import save_state as write_state
-    from pfgen.video import Mp4Writer, mp4_tags, to_uint8_frames
 
     output = Path(output) if output is not None else None
     per_chunk = pipe.config.sampling.frames_per_chunk

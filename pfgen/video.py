@@ -259,6 +259,7 @@ class Mp4Writer:
             self._worker.error = self._worker.error or exc
         code = self._proc.wait()
         self._stderr_thread.join()
+        self._proc.stderr.close()
         if self._worker.error is not None or code != 0:
             raise self._encoder_error()
 
@@ -311,6 +312,7 @@ class Mp4Writer:
             self._proc.kill()
             self._proc.wait()
         self._stderr_thread.join()
+        self._proc.stderr.close()
         self._encoded.discard()
         self._output.discard()
 
