@@ -239,7 +239,7 @@ def generate(
     from pfgen.frames import length_in_frames
     from pfgen.heads import HeadTypes, head_type_source
     from pfgen.memory import plan_lines
-    from pfgen.outputs import output_locks
+    from pfgen.outputs import check_output_path, output_locks
     from pfgen.pipeline import plan_for_run
     from pfgen.storyopts import StoryOptions, check_fit, check_outputs_fit, check_story_options, make_story
     from pfgen.timeline import Entry
@@ -276,13 +276,15 @@ def generate(
     # One video: every check of the real run, --dry-run included, before any weight loads.
     source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
     heads = source if isinstance(source, HeadTypes) else None
+    if save_latents is not None:
+        save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
     entries, state, output = check_story_options(story, prompt, output, save_latents, overwrite, seed)
     if entries is None and state is None:
         entries = [Entry(0.0, DEFAULT_PROMPT)]
     height, width, start = check_fit(cfg, entries, state, num_frames, height, width)
     plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=not dry_run,
                         image=image is not None, start=start, commit_last=story.save_state is not None)
-    save_latents = check_outputs_fit(story, plan, save_latents, overwrite)
+    check_outputs_fit(story, plan, save_latents)
     if dry_run:  # the plan of this video, for the device asked, whether here or not
         return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
     console = _console(quiet)

@@ -90,17 +90,15 @@ def check_fit(cfg, entries, state, num_frames: int, height: int | None, width: i
     return height or cfg.video.height, width or cfg.video.width, start
 
 
-def check_outputs_fit(opts: StoryOptions, plan, save_latents: Path | None, overwrite: bool) -> Path | None:
+def check_outputs_fit(opts: StoryOptions, plan, save_latents: Path | None) -> None:
     """The files of known size fit their folders' free space, before the work: the latents (exactly) and the
     saved state (at least its KV cache, exact; plus kept latents, embeddings and the decoder's cache)."""
     from pfgen.generate import latents_bytes
 
     if save_latents is not None:
-        save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
         check_free_space(save_latents, latents_bytes(plan.latent_frames, plan.height, plan.width), "--save-latents")
     if opts.save_state is not None:
         check_free_space(opts.save_state, plan.memory["kv_cache_bytes"], "--save-state", at_least=True)
-    return save_latents
 
 
 def make_story(opts: StoryOptions, entries, console):
