@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pfgen.errors import PfgenError
+from pfgen.errors import Interrupted, PfgenError
 from pfgen.frames import MAX_SECONDS
 
 _VALUE_NAMES = {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH"}
@@ -157,8 +157,9 @@ def generate(
                                               help="save the run to continue it later (--resume)"),
     save_state_every: int = typer.Option(0, metavar="N", rich_help_panel=STORY,
                                          help="also save the state every N chunks"),
-    seed: int = typer.Option(0, metavar="N", rich_help_panel=STORY,
-                             help="noise seed (with --prompts: prompt i uses seed + i)"),
+    seed: Optional[int] = typer.Option(None, metavar="N", rich_help_panel=STORY,
+                                       help="noise seed, default 0 (with --prompts: prompt i uses seed + i; a "
+                                            "resumed run goes on with the saved run's)"),
     seconds: Optional[float] = typer.Option(None, metavar="S", rich_help_panel=LENGTH,
                                             help="video length in seconds (default 5; see README for the rounding)"),
     frames: Optional[int] = typer.Option(None, metavar="N", rich_help_panel=LENGTH,
@@ -236,11 +237,11 @@ def generate(
     from pfgen.batch import check_options
     from pfgen.config import check_seed, check_video_size
     from pfgen.frames import length_in_frames
-    from pfgen.generate import latents_bytes
     from pfgen.heads import HeadTypes, head_type_source
-    from pfgen.outputs import check_free_space, check_output_path, output_lock
+    from pfgen.memory import plan_lines
+    from pfgen.outputs import check_output_path, output_locks
     from pfgen.pipeline import plan_for_run
-    from pfgen.storyopts import StoryOptions, check_fit, check_story_options, make_story
+    from pfgen.storyopts import StoryOptions, check_fit, check_outputs_fit, check_story_options, make_story
     from pfgen.timeline import Entry
 
     story = StoryOptions(then, timeline, recache, resume, save_state, save_state_every, preview, frames_dir,
@@ -250,7 +251,8 @@ def generate(
         raise PfgenError(f"{story.used()[0]} is for a single video", "leave it out in batch mode")
     if batch and as_json and not dry_run:
         raise PfgenError("--json is for single videos", "batch mode records every video in manifest.jsonl")
-    check_seed(seed)
+    if seed is not None:
+        check_seed(seed)
     check_video_size(height, width, option_prefix="--")
     cfg = _load_config(config, policy, backend, device, dtype, threads, offload, checkpoint=checkpoint,
                        wan_dir=wan_dir, ema=ema, num_heads=num_heads, text_encoder_device=text_encoder_device,
@@ -261,31 +263,34 @@ def generate(
     num_frames = length_in_frames(seconds, frames, cfg.video.fps, force)
     if image is not None:
         _check_image(cfg, image, batch, resume, height, width)
-    if dry_run:  # the plan of one video (in batch mode: of each), for the device asked, whether here or not
-        from pfgen.memory import plan_lines
-
-        plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=False,
-                            image=image is not None)
-        return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
-    console = _console(quiet)
     if batch:
+        if dry_run:  # the plan of each video, for the device asked, whether here or not
+            plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=False,
+                                image=image is not None)
+            return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
         from pfgen.batch import BatchRequest, parse_policies, run_batch
 
-        request = BatchRequest(prompts.expanduser(), output_dir.expanduser(), parse_policies(policies), seed,
-                               num_frames, heads, height, width)
-        return run_batch(cfg, request, console, verbose)
+        request = BatchRequest(prompts.expanduser(), output_dir.expanduser(), parse_policies(policies), seed or 0,
+                               num_frames, heads, height, width, recache)
+        return run_batch(cfg, request, _console(quiet), verbose)
+    # One video: every check of the real run, --dry-run included, before any weight loads.
     source = head_type_source(cfg.cache, cfg.cache.policy, heads)  # the head file is read once, and now
     heads = source if isinstance(source, HeadTypes) else None
-    plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, image=image is not None)
     if save_latents is not None:
         save_latents = check_output_path(save_latents, ".safetensors", overwrite=overwrite, option="--save-latents")
-        check_free_space(save_latents, latents_bytes(cfg, num_frames, height, width), "--save-latents")
-    entries, state, output = check_story_options(story, prompt, output, save_latents, overwrite)
+    entries, state, output = check_story_options(story, prompt, output, save_latents, overwrite, seed)
     if entries is None and state is None:
         entries = [Entry(0.0, DEFAULT_PROMPT)]
-    check_fit(cfg, entries, state, num_frames, height, width)
-    with output_lock(output or story.frames_dir):  # a second run writing the same file is refused with its pid
-        _run_generate(cfg, output, num_frames, seed, heads, height, width, save_latents, plan, console, as_json,
+    height, width, start = check_fit(cfg, entries, state, num_frames, height, width)
+    plan = plan_for_run(cfg, num_frames, heads=heads, height=height, width=width, available=not dry_run,
+                        image=image is not None, start=start, commit_last=story.save_state is not None)
+    check_outputs_fit(story, plan, save_latents)
+    if dry_run:  # the plan of this video, for the device asked, whether here or not
+        return typer.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan_lines(plan)))
+    console = _console(quiet)
+    # a second run writing any of these is refused with this one's pid
+    with output_locks(files=(output, save_latents, story.save_state, story.preview), folders=(story.frames_dir,)):
+        _run_generate(cfg, output, num_frames, seed or 0, heads, height, width, save_latents, plan, console, as_json,
                       verbose, (story.frames_dir, story.preview), story=make_story(story, entries, console),
                       resume=state, save_state=story.save_state, save_state_every=story.save_state_every,
                       image=image)
@@ -312,9 +317,12 @@ def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_late
                       "(for real weights: pfgen download --config self-forcing, then --config self-forcing)",
                       soft_wrap=True)
     files = FrameFiles(*files) if any(f is not None for f in files) else None
-    with chunk_progress(console, cfg.video.fps) as on_chunk:
-        stats = generate_video(pipe, None, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
-                               width=width, save_latents=save_latents, on_chunk=on_chunk, files=files, **story)
+    try:
+        with chunk_progress(console, cfg.video.fps) as on_chunk:
+            stats = generate_video(pipe, None, output, num_frames=num_frames, seed=seed, heads=heads, height=height,
+                                   width=width, save_latents=save_latents, on_chunk=on_chunk, files=files, **story)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(getattr(exc, "kept", None)) from None
     console.print(stats.summary(), highlight=False, markup=False, soft_wrap=True)
     if stats.state_bytes is not None:
         console.print(f"saved state {story['save_state']}: {format_bytes(stats.state_bytes)}", highlight=False,
@@ -510,6 +518,7 @@ def evaluate(
                                                     "metadata)"),
     clip_model: Optional[str] = typer.Option(None, help="--deep: Hugging Face id or local folder (default: "
                                                         "openai/clip-vit-base-patch32)"),
+    overwrite: bool = typer.Option(False, "--overwrite", "-y", help="replace an existing --plot file"),
 ):
     """Metrics per time window (brightness, colour drift, flicker, sharpness, motion, repetition) and policy
     differences; see docs/evaluate.md."""
@@ -521,7 +530,7 @@ def evaluate(
         from pfgen.outputs import check_output_path
 
         require_matplotlib()
-        plot = check_output_path(plot, ".png", option="--plot")
+        plot = check_output_path(plot, ".png", overwrite=overwrite, option="--plot")
     from pfgen.evaluate.report import evaluation_progress, print_report, to_json
     from pfgen.evaluate.run import EvaluateRequest, evaluate as run_evaluate
 
@@ -568,14 +577,27 @@ def download(
                        f"{format_gib(fetched.nbytes)})")
 
 
+THEN_FORM = 'write --then SECONDS "PROMPT" (two values; a prompt that starts with - goes in a --timeline file)'
+
+
 def _pair_then(argv: list[str]) -> list[str]:
-    """Typer has no repeatable two-value option: `--then SECONDS PROMPT` travels as one value (see timeline)."""
+    """Typer has no repeatable two-value option: `--then SECONDS PROMPT` travels as one value (see timeline).
+    `--then=...` and a value that looks like an option (`--then 1 --no-recache`) are refused, never taken."""
     from pfgen.timeline import THEN_SEPARATOR
 
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--then" and i + 2 < len(argv):
-            out += ["--then", THEN_SEPARATOR.join(argv[i + 1:i + 3])]
+        if argv[i].startswith("--then="):
+            raise PfgenError(f"{argv[i]}: --then takes two values, not one after '='", THEN_FORM)
+        if argv[i] == "--then":
+            values = argv[i + 1:i + 3]
+            given = " ".join(["--then", *values])
+            looks = next((v for v in values if re.fullmatch(r"--?[A-Za-z].*", v)), None)
+            if looks is not None:
+                raise PfgenError(f"{given}: {looks!r} looks like an option, not a value", THEN_FORM)
+            if len(values) < 2:
+                raise PfgenError(f"{given}: SECONDS and PROMPT are both needed", THEN_FORM)
+            out += ["--then", THEN_SEPARATOR.join(values)]
             i += 3
         else:
             out.append(argv[i])
@@ -589,16 +611,19 @@ def main(argv: list[str] | None = None) -> None:
     SIGTERM (timeout, Slurm, docker stop, systemd, torchrun) and SIGHUP are handled like Ctrl-C: the writers
     remove their partial files, one line is printed, and the exit code is 128 + the signal's number."""
     warnings.showwarning = _show_warning
+    kept = None
     with _signals_as_interrupts() as received:
         try:
             code = app(args=_pair_then(sys.argv[1:] if argv is None else list(argv)), prog_name="pfgen",
                        standalone_mode=False)
         except (typer.Abort, KeyboardInterrupt):
             code = 130
+        except Interrupted as exc:
+            code, kept = 130, exc.kept
         except typer.Exit as exc:
             code = getattr(exc, "exit_code", 0)
         except PfgenError as exc:
-            _fail(str(exc), 1)
+            _fail(_with_kept(str(exc), exc), 1)
         except Exception as exc:
             if _is_usage_error(exc):
                 ctx = getattr(exc, "ctx", None)
@@ -607,12 +632,19 @@ def main(argv: list[str] | None = None) -> None:
                 _fail(f"{exc.format_message()}{hint}", 2)
             oom = _out_of_memory(exc)
             if oom is not None:
-                _fail(oom, 1)
+                _fail(_with_kept(oom, exc), 1)
             raise
     if code == 130:  # Typer turns Ctrl-C into a return code; the writers have removed their partial files
         signum = received[0] if received else signal.SIGINT
-        _fail(f"interrupted by {signal.Signals(signum).name} (no partial output was kept)", 128 + signum)
+        _fail(f"interrupted by {signal.Signals(signum).name} ({kept or 'no partial output was kept'})", 128 + signum)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _with_kept(message: str, exc: BaseException) -> str:
+    """A failed run's error line, with what it kept (section 1 of docs/reliability.md: its video up to its last
+    saved state), as `generate.generate_video` noted it on the exception."""
+    kept = getattr(exc, "kept", None)
+    return f"{message}; {kept}" if kept else message
 
 
 def _fail(message: str, code: int):
@@ -627,8 +659,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 @contextmanager
 def _signals_as_interrupts():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread (so every `finally` and atomic writer
-    cleans up); yields the list of signals received."""
+    """SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt in the main thread (so every `finally` and atomic
+    writer cleans up, or keeps a video up to its saved state); a second signal does not interrupt that cleanup.
+    Yields the list of signals received."""
     received: list[int] = []
 
     def interrupt(signum, frame):
@@ -636,7 +669,7 @@ def _signals_as_interrupts():
         if len(received) == 1:  # a second signal must not interrupt the cleanup of the first
             raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield received
     finally:

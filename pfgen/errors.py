@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The exception types the CLI turns into a one-line message and a non-zero exit."""
 
 
 class PfgenError(Exception):
@@ -11,3 +11,13 @@ class PfgenError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP stopped a run; `kept` says what it kept (its video up to its last saved state),
+    None when it kept nothing. (Typer turns a KeyboardInterrupt into a bare exit code; this one reaches the CLI's
+    error line.)"""
+
+    def __init__(self, kept: str | None):
+        super().__init__(kept)
+        self.kept = kept

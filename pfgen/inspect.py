@@ -24,7 +24,7 @@ PLOT_SPAN = 100  # history frames the pyramid plot shows before the query chunk'
 
 def layout_tokens(layout: Layout, frame_tokens: int, block_tokens: int) -> tuple[int, int]:
     """(K/V tokens stored in bf16, merge-accumulator tokens stored in fp32) per head for a rule's layout."""
-    abs_tokens = sum(frame_tokens if kind == "frame" else block_tokens for kind in layout.abs_slots)
+    abs_tokens = layout.abs_tokens(frame_tokens, block_tokens)
     hist_tokens = layout.hist_partitions * layout.hist_slots * frame_tokens
     return abs_tokens + hist_tokens, (block_tokens if layout.merge_block else 0)
 

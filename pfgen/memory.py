@@ -22,7 +22,7 @@ import torch
 
 from pfgen.config import OFFLOAD_MODES
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, dit_passes, latent_frames_for
+from pfgen.frames import VAE_SPACE, dit_passes, latent_frames_for, video_frames_for
 from pfgen.heads import head_type_rows, head_type_source
 from pfgen.wan.text import TEXT_TOKENS
 
@@ -270,9 +270,10 @@ def free_memory(device: torch.device) -> int | None:
 
 def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtype, policy: str | None = None,
                 heads=None, height: int | None = None, width: int | None = None, offload: str | None = None,
-                batch: int = 1, image: bool = False) -> MemoryPlan:
+                batch: int = 1, image: bool = False, start: int = 0, commit_last: bool = False) -> MemoryPlan:
     """The memory plan of generating `num_frames` video frames with `cfg` on `device` in `dtype` (`image`: the
-    first frame is an image, image-to-video)."""
+    first frame is an image, image-to-video; `start`: a resumed run's first latent frame, whose video frames
+    count from there and whose `full` cache holds the saved frames too; `commit_last`: the run is saved)."""
     policy = policy or cfg.cache.policy
     height, width = height or cfg.video.height, width or cfg.video.width
     per_chunk = cfg.sampling.frames_per_chunk
@@ -288,7 +289,7 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     tokens = pass_frames * (grid[0] // patch[1]) * (grid[1] // patch[2])
     weights = dict(transformer=transformer_bytes(transformer, dtype), text_encoder=text_encoder_bytes(text, dtype),
                    vae=vae_bytes(vae, dtype))
-    kv = kv_cache_bytes(cfg, types, transformer, grid, latent, dtype, batch)
+    kv = kv_cache_bytes(cfg, types, transformer, grid, start + latent, dtype, batch)
     act = activation_bytes(transformer, tokens, dtype, batch)
     enc = encode_bytes(text, dtype, batch)
     if cfg.model.decoder == "tae":  # the Wan VAE stays loaded (image-to-video encodes with it)
@@ -309,8 +310,9 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
                   vae_decode_bytes=dec, peak_bytes=peaks[chosen])
     sampling = cfg.sampling
     passes = dit_passes(len(sampling.timesteps), len(sampling.first_chunk_timesteps or ()),
-                        (latent - image) // per_chunk, image=image)
-    return MemoryPlan(num_frames, latent, latent // per_chunk, passes, policy, height, width, str(device),
+                        (latent - image) // per_chunk, fresh=start == 0, image=image, commit_last=commit_last)
+    frames = video_frames_for(start + latent) - (video_frames_for(start) if start else 0)  # what the run decodes
+    return MemoryPlan(frames, latent, latent // per_chunk, passes, policy, height, width, str(device),
                       str(dtype).removeprefix("torch."), chosen, total, free, memory, peaks, sources)
 
 

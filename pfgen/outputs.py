@@ -6,7 +6,10 @@
   given normal permissions and renamed over `path`, on any exception (Ctrl-C and SIGTERM included: the CLI
   turns those signals into KeyboardInterrupt) it is removed. A folder works the same way (`directory=True`).
 - `output_lock(path)`: an `fcntl` lock beside an output (or in an output folder) so that two runs never write
-  the same file; the second one is refused with the first one's pid.
+  the same file; the second one is refused with the first one's pid. `output_locks(...)`: every output of a run.
+- `PreviousVersion(path)`: what an output held before a run that may replace it step by step (a saved state),
+  put back if the run fails before it has something consistent to keep (docs/reliability.md, section 1's rule).
+- `signals_deferred()`: SIGINT / SIGTERM / SIGHUP wait until a step that must not be cut in two is done.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pfgen.errors import PfgenError
@@ -143,6 +149,22 @@ def _umask_modes(folder: Path) -> None:
             os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
+def write_safetensors(tensors: dict, tmp: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file` into a temp path; its own error for a failed write (disk full) becomes the
+    OSError it wraps, which `atomic_output` turns into one line."""
+    import re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except Exception as exc:
+        code = re.search(r"code: (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
@@ -181,11 +203,13 @@ def check_output_path(path: str | Path, suffix: str | None = None, *, overwrite:
     return path
 
 
-def check_free_space(path: Path, needed: int, option: str) -> None:
-    """Refuse an output of known size that its folder's free space cannot hold (checked before the work)."""
+def check_free_space(path: Path, needed: int, option: str, at_least: bool = False) -> None:
+    """Refuse an output of known size (`at_least`: a lower bound of it) that its folder's free space cannot
+    hold (checked before the work)."""
     free = shutil.disk_usage(path.parent).free
     if needed > free:
-        raise PfgenError(f"{option} {path} needs {needed / 2 ** 20:.1f} MiB, its folder has "
+        bound = "at least " if at_least else ""
+        raise PfgenError(f"{option} {path} needs {bound}{needed / 2 ** 20:.1f} MiB, its folder has "
                          f"{free / 2 ** 20:.1f} MiB free", "free some space or write elsewhere")
 
 
@@ -251,12 +275,79 @@ class OutputLock:
         self.release()
 
 
-def output_lock(path: str | Path) -> OutputLock:
-    """The lock of one output file (beside it) or of an output folder (inside it)."""
+def output_lock(path: str | Path, *, beside: bool = False) -> OutputLock:
+    """The lock of one output file (beside it) or of an output folder (inside it; `beside`: beside it too, for a
+    folder that the run may create, so that a run before and a run after its creation take the same lock)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not beside:
         return OutputLock(path / ".pfgen.lock", path)
     return OutputLock(path.with_name(f".{path.name}.lock"), path)
+
+
+@contextmanager
+def output_locks(files=(), folders=()):
+    """Hold the locks of every output of one run (None entries skipped; a folder's lock is beside it)."""
+    with ExitStack() as held:
+        for path in files:
+            if path is not None:
+                held.enter_context(output_lock(path))
+        for path in folders:
+            if path is not None:
+                held.enter_context(output_lock(path, beside=True))
+        yield
+
+
+class PreviousVersion:
+    """What `path` held before this run, kept as a hidden hard link (no extra space; a copy where links are not
+    supported) until `drop()` (the run's outcome stands) or `restore()` (put back what was there, or remove a
+    file the run created)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.saved: Path | None = None
+        if self.path.is_file():
+            saved = temp_path(self.path)
+            try:
+                os.link(self.path, saved)
+            except OSError:
+                try:
+                    shutil.copy2(self.path, saved)
+                except OSError as exc:
+                    _remove(saved)
+                    raise write_error(saved, exc) from None
+            self.saved = saved
+
+    def drop(self) -> None:
+        if self.saved is not None:
+            _remove(self.saved)
+            self.saved = None
+
+    def restore(self) -> None:
+        try:
+            if self.saved is not None:
+                os.replace(self.saved, self.path)
+                self.saved = None
+            else:
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_deferred():
+    """Block SIGINT, SIGTERM and SIGHUP in this (main) thread for the block; one that arrives meanwhile is
+    handled (as KeyboardInterrupt) right after it, so the block's steps happen all or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:

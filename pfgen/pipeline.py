@@ -6,7 +6,6 @@ layer over this.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from pfgen.offload import Offload
 from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.story import Story
 from pfgen.timeline import Entry, from_api
-from pfgen.video import Mp4Writer, StreamingDecoder, to_uint8_frames
+from pfgen.video import Mp4Writer, StreamingDecoder, mp4_tags, to_uint8_frames
 from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
 from pfgen.wan.tae import TaeStreamingDecoder
@@ -307,47 +306,63 @@ class Pipeline:
         frames = torch.cat([c.frames for c in chunks], dim=2)
         return PipelineOutput(latents=latents, frames=((frames.float().permute(0, 2, 3, 4, 1) + 1) / 2).cpu().numpy())
 
-    def video_metadata(self, prompt: str | None, seed: int | None, policy: str | None = None) -> dict:
-        """What an mp4 says about how it was made (title = prompt, comment = this as JSON), from the CLI and the
-        API alike."""
+    def video_metadata(self, story: Story, seed: int | None, policy: str | None = None, resume=None,
+                       frames: int | None = None) -> dict:
+        """What an mp4 says about how it was made, from the CLI and the API alike: the prompt of its first frame
+        (the title), the timeline that ran (every switch: time, frame, prompt, source; `frames`: only the
+        first so many video frames, for a video kept up to a saved state), the seed whose generator drew the
+        noise (a resumed run's: the saved run's) and the state it continued."""
         from pfgen import __version__
 
         model = self.config.model
-        return {"prompt": prompt, "seed": seed, "config": model.name, "policy": policy or self.config.cache.policy,
-                "checkpoint": model.checkpoint, "pfgen": __version__}
+        timeline = [s for s in story.timeline() if frames is None or s["video_frame"] < frames]
+        resumed = None if resume is None else {"state": str(resume.path), "latent_frame": resume.position}
+        return {"prompt": timeline[0]["prompt"] if timeline else None, "seed": seed, "config": model.name,
+                "policy": policy or self.config.cache.policy, "checkpoint": model.checkpoint, "pfgen": __version__,
+                "timeline": timeline, "resumed_from": resumed}
 
     def write_mp4(self, prompt, path, fps: int | None = None, on_chunk=None, metadata: dict | None = None,
                   **kwargs) -> Path:
         """Stream a video into an mp4 (batch 1); the file appears only when complete and verified.
 
         `metadata` (JSON-able) goes into the mp4: its "prompt" as the title, all of it as the comment; by
-        default `video_metadata` of the prompt (None for embeddings) and the generator's seed."""
+        default `video_metadata` of what ran (the story's timeline, the generator's seed)."""
         if path is None:
             raise PfgenError("output_type='mp4' needs output_path")
-        if metadata is None:
-            generator = kwargs.get("generator")
-            metadata = self.video_metadata(prompt if isinstance(prompt, str) else None,
-                                           generator.initial_seed() if generator is not None else None,
-                                           kwargs.get("policy"))
+        resume = kwargs.get("resume")
+        story = kwargs.pop("story", None)
+        if story is None:
+            story = Story(self._entries(prompt, kwargs.pop("prompt_embeds", None), kwargs.pop("timeline", None),
+                                        resume is not None), recache=kwargs.pop("recache", True))
+        elif prompt is not None:
+            raise PfgenError("give the prompts either in the story or as prompt / prompt_embeds / timeline")
         height = kwargs.get("height") or self.config.video.height
         width = kwargs.get("width") or self.config.video.width
+        if resume is not None:
+            height, width = resume.size(kwargs.get("height"), kwargs.get("width"))
         self.latent_grid(height, width)
-        tags = {"title": metadata.get("prompt", ""), "comment": json.dumps(metadata)} if metadata else None
-        with Mp4Writer(path, width, height, fps or self.config.video.fps, metadata=tags) as writer:
-            for chunk in self.stream(prompt, **kwargs):
+        with Mp4Writer(path, width, height, fps or self.config.video.fps) as writer:
+            for chunk in self.stream(story=story, **kwargs):
                 writer.write(to_uint8_frames(chunk.frames[0]))
                 if on_chunk is not None:
                     on_chunk(chunk)
+            if metadata is None:
+                generator = kwargs.get("generator")
+                seed = resume.meta.get("seed") if resume is not None else \
+                    generator.initial_seed() if generator is not None else None
+                metadata = self.video_metadata(story, seed, kwargs.get("policy"), resume)
+            writer.close(mp4_tags(metadata))
         return Path(path)
 
 
 def plan_for_run(cfg: Config, num_frames: int, *, heads=None, height: int | None = None, width: int | None = None,
-                 available: bool = True, image: bool = False):
+                 available: bool = True, image: bool = False, start: int = 0, commit_last: bool = False):
     """The memory plan (`pfgen.memory.MemoryPlan`) of a run, with the config's device, dtype and offload; loads
-    no weights. `available=False` plans for a device this machine need not have (a CUDA run on a CPU)."""
+    no weights. `available=False` plans for a device this machine need not have (a CUDA run on a CPU). `start`:
+    a resumed run's first latent frame; `commit_last`: the run saves a state (one more clean pass)."""
     dev = resolve_device(cfg.runtime.device, available)
     return plan_memory(cfg, num_frames, device=dev, dtype=resolve_dtype(cfg.runtime.dtype, dev), heads=heads,
-                       height=height, width=width, image=image)
+                       height=height, width=width, image=image, start=start, commit_last=commit_last)
 
 
 def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | None = None,

@@ -23,7 +23,7 @@ import torch
 from pfgen import __version__
 from pfgen.config import to_dict
 from pfgen.errors import PfgenError
-from pfgen.outputs import atomic_output
+from pfgen.outputs import atomic_output, write_safetensors
 from pfgen.wan.fingerprint import model_fingerprint
 
 FORMAT = "pfgen.state/1"
@@ -54,8 +54,9 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
 
 
-def save_state(path: str | Path, pipe, story, cache) -> int:
-    """Write the run after its last committed chunk to `path` (atomically); returns the file size in bytes."""
+def save_state(path: str | Path, pipe, story, cache, seed: int | None = None) -> int:
+    """Write the run after its last committed chunk to `path` (atomically); returns the file size in bytes.
+    `seed`: the seed whose generator the run draws from (recorded, so that a resumed run's mp4 can name it)."""
     cache_tensors, rules = cache.state_dict()
     tensors = {f"cache.{k}": t for k, t in cache_tensors.items()}
     tensors |= {f"kept.{t0}": x for t0, x in story.kept.items()}
@@ -77,13 +78,11 @@ def save_state(path: str | Path, pipe, story, cache) -> int:
         "policy": pipe.policy, "heads": heads_fingerprint(pipe.original_head_types),
         "size": list(story.size), "batch": int(story.embeds.shape[0]),
         "rules": rules, "decoder": decoder, "generator": generator.device.type,
-        "prompt": story.prompt, "timeline": story.history + story.switches,
+        "prompt": story.prompt, "timeline": story.history + story.switches, "seed": seed,
         "crc32": {k: _crc(t) for k, t in tensors.items()},
     }
-    from safetensors.torch import save_file
-
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"pfgen": json.dumps(meta)})
+        write_safetensors(tensors, tmp, {"pfgen": json.dumps(meta)})
     return Path(path).stat().st_size
 
 
@@ -173,7 +172,7 @@ class RunState:
             raise PfgenError(f"{self.path} does not fit this run: {exc}") from None
         story.kept = {int(k[len("kept."):]): t.to(device) for k, t in self.tensors.items() if k.startswith("kept.")}
         story.embeds = self.tensors["embeds"].to(device)
-        story.prompt = self.meta["prompt"]
+        story.prompt = story.continued = self.meta["prompt"]
         story.history = list(self.meta["timeline"])
         if story.noise.generator.device.type != self.meta["generator"]:
             raise PfgenError(f"{self.path} holds a {self.meta['generator']} noise generator, this run uses "

@@ -35,6 +35,7 @@ class Story:
         self.kept: dict[int, torch.Tensor] = {}  # t0 -> clean latents of a chunk the cache still holds
         self.switches: list[dict] = []  # this run's switches (the first prompt of a fresh run included)
         self.history: list[dict] = []  # switches of the runs before a resume, in their own videos' time
+        self.continued: str | None = None  # a resumed run: the prompt it continues (the saved run's last)
         self.recached_chunks = 0  # extra clean passes spent on re-cache
         self.noise = self.decoder = self.size = None  # set by `Pipeline.stream`
         self._schedule: list[tuple[int, Entry]] = []
@@ -48,6 +49,14 @@ class Story:
         placed = resolve(self.entries, start, end, frames_per_chunk, fps)
         self._schedule = [(t0, e if e.embeds is not None else Entry(e.at, e.prompt, encode(e.prompt)))
                           for t0, e in placed]
+
+    def timeline(self) -> list[dict]:
+        """The prompts of this run's video as they ran: every switch with its time and source (timeline,
+        interactive); a resumed run opens with the prompt it continues (source "resume") unless it switched at
+        its first frame."""
+        if self.continued is None or (self.switches and self.switches[0]["latent_frame"] == self.start):
+            return list(self.switches)
+        return [switch_record(self.start, self.start, self.fps, self.continued, "resume"), *self.switches]
 
     def first_embeds(self) -> torch.Tensor:
         """The embeddings a fresh run starts with (its timeline's entry at 0)."""

@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from pfgen.errors import PfgenError
-from pfgen.outputs import check_output_path, check_outputs
+from pfgen.outputs import check_free_space, check_output_path, check_outputs
 
 
 @dataclass
@@ -32,15 +33,23 @@ class StoryOptions:
 
 
 def check_story_options(opts: StoryOptions, prompt: str | None, output: Path | None, save_latents: Path | None,
-                        overwrite: bool = False):
+                        overwrite: bool = False, seed: int | None = None):
     """Everything that needs no model: -> (timeline entries or None, RunState or None, mp4 path or None).
-    Existing outputs are refused unless `overwrite` (a state saved over the one it resumes from is fine)."""
+    Existing outputs are refused unless `overwrite` (a state saved over the one it resumes from is fine); no two
+    outputs share a path; options that cannot be what was asked are refused, those that would do nothing warn."""
     from pfgen.sinks import check_frames_dir, check_preview
     from pfgen.timeline import from_options
 
     if opts.save_state_every < 0 or (opts.save_state_every and opts.save_state is None):
         raise PfgenError("--save-state-every N needs --save-state FILE and N >= 1")
+    if seed is not None and opts.resume is not None:
+        raise PfgenError("--seed does nothing with --resume: the saved run's noise generator goes on",
+                         "leave out --seed (to branch, give a new --prompt or --then)")
     entries = from_options(prompt, opts.then, opts.timeline, opts.resume is not None)
+    switches = opts.interactive or (entries is not None and (len(entries) > 1 or opts.resume is not None))
+    if not opts.recache and not switches:
+        warnings.warn("--no-recache does nothing without a prompt switch (--then, --timeline, --interactive, or "
+                      "--prompt with --resume)")
     state = None
     if opts.resume is not None:
         from pfgen.state import RunState
@@ -50,19 +59,22 @@ def check_story_options(opts: StoryOptions, prompt: str | None, output: Path | N
         output = Path("pfgen.mp4")
     if output is not None:
         output = check_output_path(output, ".mp4", overwrite=overwrite, option="--output")
+    in_place = False
     if opts.save_state is not None:
         in_place = opts.resume is not None and Path(opts.save_state).resolve() == Path(opts.resume).resolve()
         opts.save_state = check_output_path(opts.save_state, overwrite=overwrite or in_place, option="--save-state")
     if opts.preview is not None:
-        opts.preview = check_preview(opts.preview)
+        opts.preview = check_preview(opts.preview, overwrite)
     if opts.frames_dir is not None:
-        opts.frames_dir = check_frames_dir(opts.frames_dir)
-    check_outputs(output=output, save_latents=save_latents, save_state=opts.save_state, preview=opts.preview)
+        opts.frames_dir = check_frames_dir(opts.frames_dir, overwrite)
+    check_outputs(resume=opts.resume, output=output, save_latents=save_latents,
+                  save_state=None if in_place else opts.save_state, preview=opts.preview, frames_dir=opts.frames_dir)
     return entries, state, output
 
 
-def check_fit(cfg, entries, state, num_frames: int, height: int | None, width: int | None) -> None:
-    """The timeline fits the video, and a saved state fits the config, before the model loads."""
+def check_fit(cfg, entries, state, num_frames: int, height: int | None, width: int | None):
+    """The timeline fits the video, and a saved state fits the config, before the model loads; -> the video's
+    (height, width) and first latent frame (a resumed run's: the state's)."""
     from pfgen.frames import latent_frames_for
     from pfgen.pipeline import resolve_device, resolve_dtype
     from pfgen.timeline import resolve
@@ -72,9 +84,21 @@ def check_fit(cfg, entries, state, num_frames: int, height: int | None, width: i
     if entries:
         resolve(entries, start, start + latent_frames_for(num_frames, per_chunk), per_chunk, cfg.video.fps)
     if state is not None:
-        device = resolve_device(cfg.runtime.device)
+        device = resolve_device(cfg.runtime.device, available=False)
         state.check_config(cfg, cfg.cache.policy, resolve_dtype(cfg.runtime.dtype, device), device)
-        state.size(height, width)
+        height, width = state.size(height, width)
+    return height or cfg.video.height, width or cfg.video.width, start
+
+
+def check_outputs_fit(opts: StoryOptions, plan, save_latents: Path | None) -> None:
+    """The files of known size fit their folders' free space, before the work: the latents (exactly) and the
+    saved state (at least its KV cache, exact; plus kept latents, embeddings and the decoder's cache)."""
+    from pfgen.generate import latents_bytes
+
+    if save_latents is not None:
+        check_free_space(save_latents, latents_bytes(plan.latent_frames, plan.height, plan.width), "--save-latents")
+    if opts.save_state is not None:
+        check_free_space(opts.save_state, plan.memory["kv_cache_bytes"], "--save-state", at_least=True)
 
 
 def make_story(opts: StoryOptions, entries, console):

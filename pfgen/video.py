@@ -7,6 +7,7 @@ clears the cache on every call, so it cannot be used chunk by chunk).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -132,6 +133,13 @@ def _metadata_file(tags: dict[str, str]) -> str:
     return name
 
 
+def mp4_tags(metadata: dict | None) -> dict[str, str] | None:
+    """How a video was made as mp4 tags: its first prompt as the title, all of it (JSON) as the comment."""
+    if not metadata:
+        return None
+    return {"title": metadata.get("prompt") or "", "comment": json.dumps(metadata)}
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The container's metadata tags (what `Mp4Writer(metadata=...)` wrote)."""
     run = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
@@ -153,12 +161,13 @@ class FrameWorker:
         self._consume = consume
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
+        self.cancelled = False  # frames still queued are dropped (`cancel`)
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self.error is not None:
+            if self.error is not None or self.cancelled:
                 continue
             frames, extra = item
             try:
@@ -169,6 +178,11 @@ class FrameWorker:
     def put(self, frames, *extra) -> None:
         self._queue.put((frames, extra))
 
+    def cancel(self) -> None:
+        """Drop the frames still queued and wait for the one being consumed."""
+        self.cancelled = True
+        self.finish()
+
     def finish(self) -> None:
         """Wait until every queued frame is consumed (once; later calls return at once)."""
         if self._thread.is_alive():
@@ -176,33 +190,43 @@ class FrameWorker:
             self._thread.join()
 
 
+def _without_prefix(line: str) -> str:
+    """An ffmpeg error line without its "[out#0/mp4 @ 0x...]" prefix."""
+    return re.sub(r"^\[[^]]*\]\s*", "", line)
+
+
 class Mp4Writer:
     """H.264 mp4 encoded by ffmpeg fed from a background thread; the file appears only when complete and
     verified.
 
-    Frames go to a temp file beside `path` (`pfgen.outputs.atomic_output`). `close()` checks ffmpeg's exit
-    status, decodes the file back and compares its frame count with what was written, and only then renames
-    it over `path`; any failure is a one-line `PfgenError` and leaves nothing behind. `abort()` (or leaving
-    the `with` block on an exception) deletes the temp file.
+    ffmpeg encodes into a temp file beside `path`; `close()` checks its exit status, copies the stream into a
+    second temp file with the metadata tags (known only at the end: prompts typed while it ran), decodes that
+    back and compares its frame count with what was written, and only then renames it over `path`
+    (`pfgen.outputs.atomic_output`); any failure is a one-line `PfgenError` and leaves nothing behind.
+    `abort()` (or leaving the `with` block on an exception) deletes the temp files. `keep(frames, metadata)`
+    instead keeps the first `frames` frames after a failure (a run's last saved state): `cuttable=True` encodes
+    without B-frames, so that the stream can be cut after any frame by copying it.
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: int = 16, preset: str = "veryfast",
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, cuttable: bool = False):
         self.path = Path(path)
+        self.metadata = metadata
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
+        self._encoded = atomic_output(self.path)  # what ffmpeg writes; never renamed, copied into self.tmp
         self.frames_written = 0
-        self._tags = _metadata_file(metadata) if metadata else None  # a file: a 1 MB prompt is no argument
-        tags = ["-f", "ffmetadata", "-i", self._tags, "-map_metadata", "1"] if self._tags else []
+        self.done = False  # closed, kept or aborted
+        self.finished: Path | None = None  # the file, once in place
         cmd = [_ffmpeg(), "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0", *tags, "-map", "0:v", "-an",
-               "-c:v", "libx264", "-preset", preset, "-crf", "18", "-pix_fmt", "yuv420p", str(self.tmp)]
+               "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0", "-map", "0:v", "-an",
+               "-c:v", "libx264", "-preset", preset, "-crf", "18", *(["-bf", "0"] if cuttable else []),
+               "-pix_fmt", "yuv420p", str(self._encoded.tmp)]
         # Own session: a Ctrl-C in the terminal reaches pfgen, which then stops ffmpeg itself.
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, start_new_session=True)
         except BaseException:
-            self._remove_tags()
             self._output.discard()
             raise
         self._stderr: list[str] = []
@@ -224,11 +248,10 @@ class Mp4Writer:
 
     def _encoder_error(self) -> PfgenError:
         reason = next((line for line in reversed(self._stderr) if line), None) or str(self._worker.error)
-        reason = re.sub(r"^\[[^]]*\]\s*", "", reason)  # ffmpeg's "[out#0/mp4 @ 0x...]" prefix
-        return PfgenError(f"could not encode {self.path}: {reason}")
+        return PfgenError(f"could not encode {self.path}: {_without_prefix(reason)}")
 
-    def close(self) -> Path:
-        """Finish the file, verify it, and move it into place."""
+    def _finish_encoding(self) -> None:
+        """Hand ffmpeg every queued frame and wait for it; its failure is a PfgenError."""
         self._worker.finish()
         try:
             self._proc.stdin.close()
@@ -236,37 +259,69 @@ class Mp4Writer:
             self._worker.error = self._worker.error or exc
         code = self._proc.wait()
         self._stderr_thread.join()
-        self._remove_tags()
+        self._proc.stderr.close()
+        if self._worker.error is not None or code != 0:
+            raise self._encoder_error()
+
+    def _publish(self, frames: int, metadata: dict[str, str] | None) -> Path:
+        """Copy the first `frames` frames of the encoded stream, with the tags, into place, verified."""
+        tags = _metadata_file(metadata) if metadata else None  # a file: a 1 MB prompt is no argument
         try:
-            if self._worker.error is not None or code != 0:
-                raise self._encoder_error()
-            found = decoded_frames(self.tmp)
-            if found != self.frames_written:
-                raise PfgenError(f"{self.path}: the encoded video holds {found} frames, {self.frames_written} "
-                                 f"were written")
+            cmd = [_ffmpeg(), "-y", "-nostdin", "-v", "error", "-i", str(self._encoded.tmp),
+                   *(["-f", "ffmetadata", "-i", tags, "-map_metadata", "1"] if tags else []), "-map", "0:v",
+                   "-c", "copy", "-frames:v", str(frames), str(self.tmp)]
+            run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+            if run.returncode != 0:
+                reason = (run.stderr.strip().splitlines() or ["ffmpeg failed"])[-1]
+                raise PfgenError(f"could not encode {self.path}: {_without_prefix(reason)}")
+        finally:
+            self._encoded.discard()
+            if tags is not None:
+                os.unlink(tags)
+        found = decoded_frames(self.tmp)
+        if found != frames:
+            raise PfgenError(f"{self.path}: the encoded video holds {found} frames, {frames} were written")
+        self.finished = self._output.commit()
+        return self.finished
+
+    def close(self, metadata: dict[str, str] | None = None) -> Path:
+        """Finish the file (tags: `metadata`, else the constructor's), verify it, and move it into place."""
+        self.done = True
+        try:
+            self._finish_encoding()
+            return self._publish(self.frames_written, metadata if metadata is not None else self.metadata)
         except BaseException:
-            self._output.discard()
+            self.abort()
             raise
-        return self._output.commit()
+
+    def keep(self, frames: int, metadata: dict[str, str] | None) -> Path | None:
+        """After a failure: the first `frames` frames as the finished file (verified), or None (nothing kept)
+        when the encoder failed too."""
+        self.done = True
+        try:
+            self._finish_encoding()
+            return self._publish(frames, metadata)
+        except BaseException:  # noqa: BLE001 - a second signal is ignored by the CLI; any failure keeps nothing
+            self.abort()
+            return None
 
     def abort(self) -> None:
+        self.done = True
         self._worker.finish()
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
         self._stderr_thread.join()
-        self._remove_tags()
+        self._proc.stderr.close()
+        self._encoded.discard()
         self._output.discard()
-
-    def _remove_tags(self) -> None:
-        if self._tags is not None:
-            os.unlink(self._tags)
-            self._tags = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.done:
+            return False
         if exc_type is None:
             self.close()
         else:

@@ -258,7 +258,9 @@ def test_mp4_says_how_it_was_made_and_json_summary(tmp_path, capsys):
 
     assert prompt_from_metadata(out) == "a kite; a=b"  # what `pfgen evaluate --deep` scores the video against
     assert made == {"prompt": "a kite; a=b", "seed": 7, "config": "tiny", "policy": "pyramid", "checkpoint": None,
-                    "pfgen": __version__}
+                    "pfgen": __version__, "resumed_from": None,
+                    "timeline": [{"seconds": 0.0, "video_frame": 0, "latent_frame": 0, "prompt": "a kite; a=b",
+                                  "source": "timeline"}]}
 
 
 def test_quiet_prints_nothing_and_version(tmp_path, capsys):

@@ -241,8 +241,8 @@ def test_state_saved_every_n_chunks_resumes_exactly(policy, pipe, tmp_path, monk
 
     saves, save = [], pfgen.state.save_state
 
-    def recording(path, pipe_, story, cache):
-        size = save(path, pipe_, story, cache)
+    def recording(path, pipe_, story, cache, seed):
+        size = save(path, pipe_, story, cache, seed)
         saves.append(story.position)
         if len(saves) == 1:
             (tmp_path / "first.state").write_bytes(path.read_bytes())

@@ -67,20 +67,20 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
             stats = generate_video(pipe, job.item.prompt, req.output_dir / job.file, num_frames=job.item.num_frames,
                                    seed=job.item.seed, policy=job.policy, heads=job.heads, height=req.height,
                                    width=req.width, on_chunk=on_chunk(f"{prefix}{n}/{len(jobs)} {job.file}"),
-                                   story=_story(job.item), image=job.item.image)
+                                   story=_story(job.item, req.recache), image=job.item.image)
             append_entry(part, _entry(job, stats, pipe.device, ranks))
             console.print(f"{prefix}[{n}/{len(jobs)}] {stats.summary()}", highlight=False, markup=False,
                           soft_wrap=True)
 
 
-def _story(item):
-    """A JSONL row's timeline as a story (None: a plain prompt)."""
+def _story(item, recache: bool):
+    """A JSONL row's timeline as a story (None: a plain prompt); `recache`: False under --no-recache."""
     if not item.timeline:
         return None
     from pfgen.story import Story
     from pfgen.timeline import Entry
 
-    return Story([Entry(at, prompt) for at, prompt in item.timeline])
+    return Story([Entry(at, prompt) for at, prompt in item.timeline], recache=recache)
 
 
 def _entry(job: Job, stats, device, ranks: Ranks) -> dict:

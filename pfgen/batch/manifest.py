@@ -19,8 +19,8 @@ from pfgen.outputs import atomic_write_text, check_folder_writable, output_lock,
 MANIFEST = "manifest.jsonl"
 PART_GLOB = ".manifest.rank*.jsonl"
 # What makes two videos the same video: an entry that differs in one of these is not silently reused.
-REQUEST_KEYS = ("prompt", "timeline", "seed", "policy", "frames", "height", "width", "heads_sha256", "config",
-                "image_sha256")
+REQUEST_KEYS = ("prompt", "timeline", "recache", "seed", "policy", "frames", "height", "width", "heads_sha256",
+                "config", "image_sha256")
 
 
 def read_entries(path: Path, strict: bool) -> list[dict]:

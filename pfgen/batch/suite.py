@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class BatchRequest:
     heads: Path | None = None
     height: int | None = None
     width: int | None = None
+    recache: bool = True  # --no-recache: rows with a timeline switch without re-caching
 
 
 def check_options(prompt, prompts, output, output_dir, policies, policy, save_latents) -> bool:
@@ -164,6 +166,8 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
     from pfgen.heads import HeadTypes, head_type_source
 
     policies = req.policies or (cfg.cache.policy,)
+    if not req.recache and not any(len(item.timeline) > 1 for item in items):
+        warnings.warn("--no-recache does nothing: no row has a timeline with a prompt switch")
     jobs = []
     for policy in policies:
         source = head_type_source(cfg.cache, policy, req.heads)  # loaded once; the videos get these types
@@ -182,6 +186,7 @@ def plan_jobs(cfg: Config, req: BatchRequest, items: list[BatchItem]) -> list[Jo
             image = _image_sha256(item, cfg, req) if item.image else None
             request = dict(name=item.name, file=file, index=item.index, prompt=item.prompt, seed=item.seed,
                            timeline=[list(e) for e in item.timeline] or None,
+                           recache=False if len(item.timeline) > 1 and not req.recache else None,  # None: on
                            policy=policy, frames=frames, height=req.height or cfg.video.height,
                            width=req.width or cfg.video.width, heads_sha256=sha, config=config,
                            image_sha256=image)  # by content: another image under the same path is a new video

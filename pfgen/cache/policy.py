@@ -80,12 +80,17 @@ class Finalize:
 class Layout:
     """Slot kinds of the abs region, and the shape of the hist region."""
 
-    abs_slots: tuple[str, ...]  # "frame" or "block" per slot
+    abs_frames: int  # the abs region: this many frame slots, then `abs_blocks` merged-block slots
+    abs_blocks: int = 0
     hist_partitions: int = 1
     hist_slots: int = 0
     merge_block: int = 0  # frames per merged block (0: no merging)
     merge_patch: int = 1
     hist_in_abs: bool = False  # the hist region is the first `hist_slots` abs slots (no storage of its own)
+
+    def abs_tokens(self, frame_tokens: int, block_tokens: int) -> int:
+        """Tokens of the abs region, in closed form (a `full` cache of 4e9 frames is one multiplication)."""
+        return self.abs_frames * frame_tokens + self.abs_blocks * block_tokens
 
 
 class Rule:
@@ -134,7 +139,7 @@ class FullRule(Rule):
     name = "full"
 
     def __init__(self, max_frames: int):
-        self.layout = Layout(abs_slots=("frame",) * max_frames)
+        self.layout = Layout(abs_frames=max_frames)
         self.max_frames = max_frames
         self.reset()
 
@@ -185,7 +190,7 @@ class RollingRule(Rule):
             )
         self.window, self.sink, self.relative = window, sink, relative
         hist = sink if relative else 0
-        self.layout = Layout(abs_slots=("frame",) * window, hist_slots=hist, hist_in_abs=relative)
+        self.layout = Layout(abs_frames=window, hist_slots=hist, hist_in_abs=relative)
         self.reset()
 
     def reset(self) -> None:
@@ -266,8 +271,8 @@ class PyramidRule(Rule):
         self.stride, self.period, self.block, self.patch = stride, period, block, patch
         partitions = period if middle == "cyclic" else 1
         hist_slots = sink + (capacity if middle in ("stride", "cyclic") else 0)
-        abs_slots = ("frame",) * recent + (("block",) * capacity if middle == "merge" else ())
-        self.layout = Layout(abs_slots, partitions, hist_slots, block if middle == "merge" else 0, patch)
+        blocks = capacity if middle == "merge" else 0
+        self.layout = Layout(recent, blocks, partitions, hist_slots, block if middle == "merge" else 0, patch)
         self.reset()
 
     def reset(self) -> None:

@@ -22,8 +22,7 @@ def store_shapes(layout: Layout, batch: int, heads: int, grid: tuple[int, int], 
     history slots) and "acc" (the fp32 merge accumulator, when it merges). The memory planner sums the same."""
     frame_tokens = grid[0] * grid[1]
     block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
-    abs_tokens = sum(frame_tokens if kind == "frame" else block_tokens for kind in layout.abs_slots)
-    shapes = {"abs": (batch, abs_tokens, heads, head_dim)}
+    shapes = {"abs": (batch, layout.abs_tokens(frame_tokens, block_tokens), heads, head_dim)}
     if layout.hist_slots and not layout.hist_in_abs:
         shapes["hist"] = (layout.hist_partitions, batch, layout.hist_slots * frame_tokens, heads, head_dim)
     if layout.merge_block:
@@ -46,7 +45,7 @@ class RuleStore:
         self.grid = grid
         self.frame_tokens = grid[0] * grid[1]
         self.block_tokens = merged_tokens(*grid, layout.merge_patch) if layout.merge_block else 0
-        sizes = [self.frame_tokens if kind == "frame" else self.block_tokens for kind in layout.abs_slots]
+        sizes = [self.frame_tokens] * layout.abs_frames + [self.block_tokens] * layout.abs_blocks
         self.abs_offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         shapes = store_shapes(layout, batch, heads, grid, head_dim)
         self.k_abs = torch.zeros(shapes["abs"], dtype=dtype, device=device)
