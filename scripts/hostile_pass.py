@@ -536,31 +536,29 @@ HOLD = "import sys,time\nfrom pfgen.outputs import output_lock\nwith output_lock
        "flush=True)\n    time.sleep(600)\n"
 
 
+@contextlib.contextmanager
 def held(target, d):
+    """Another process holding the output lock of `target` while the block runs."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, target], cwd=d, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "holding\n"
-    return proc
+    try:
+        assert proc.stdout.readline() == "holding\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 @case("two runs on one --save-state")
 def _(d):
-    holder = held("s.state", d)
-    try:
+    with held("s.state", d):
         code, _, err = pfgen(["generate", *SMALL, "-o", "x.mp4", "--save-state", "s.state"], d)
-    finally:
-        holder.kill()
-        holder.communicate()
     return refused(code, err, "another pfgen run") and not (d / "x.mp4").exists()
 
 
 @case("two runs on one --frames-dir")
 def _(d):
-    holder = held("f", d)
-    try:
+    with held("f", d):
         code, _, err = pfgen(["generate", *SMALL, "-o", "x.mp4", "--frames-dir", "f"], d)
-    finally:
-        holder.kill()
-        holder.communicate()
     return refused(code, err, "another pfgen run") and not (d / "f").exists()
 
 
