@@ -4,7 +4,8 @@ Tensors: the KV cache (`cache.<layer>.<type>.<name>`), the latents of the chunks
 (`kept.<t0>`, for re-cache after a resume), the current prompt embeddings, the noise generator's state and
 the streaming VAE decoder's causal feature cache (`vae.<i>`). JSON metadata (key "pfgen"): position, each
 rule's bookkeeping, the switches so far, and fingerprints of the model, config, policy and head types that a
-resumed run must match, plus a CRC32 per tensor so that a corrupt file is refused. Written atomically.
+resumed run must match, plus a CRC32 per tensor and one of the metadata itself, so that a corrupt or edited
+file is refused; every field's type and range are checked on load. Written atomically.
 
 The cache dominates the size: `pfgen generate --save-state` prints it; at the 1.3B shape the rolling-21
 cache alone is about 5.6 GiB in bfloat16 (README).
@@ -26,7 +27,26 @@ from pfgen.errors import PfgenError
 from pfgen.outputs import atomic_output, write_safetensors
 from pfgen.wan.fingerprint import model_fingerprint
 
-FORMAT = "pfgen.state/1"
+FORMAT = "pfgen.state/2"  # /2: the metadata carries its own CRC32 ("header_crc32")
+
+# The metadata fields a state must have, with their types (checked on load, after the header's CRC).
+FIELDS = {"position": int, "batch": int, "size": list, "policy": str, "config": str, "heads": str, "model": dict,
+          "rules": dict, "generator": str, "prompt": str, "timeline": list, "crc32": dict}
+
+
+def _header_crc(meta: dict) -> int:
+    return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "header_crc32"}, sort_keys=True).encode())
+
+
+def _fields_ok(meta: dict) -> bool:
+    """Every field present with its type, and the numbers in range (bool is not an int here)."""
+    if any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in FIELDS.items()):
+        return False
+    size, seed = meta["size"], meta.get("seed")
+    return (meta["position"] >= 0 and meta["batch"] >= 1 and len(size) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+            and isinstance(meta["model"].get("fingerprint"), str)
+            and (seed is None or (isinstance(seed, int) and not isinstance(seed, bool))))
 
 
 def _sha(data) -> str:
@@ -81,6 +101,7 @@ def save_state(path: str | Path, pipe, story, cache, seed: int | None = None) ->
         "prompt": story.prompt, "timeline": story.history + story.switches, "seed": seed,
         "crc32": {k: _crc(t) for k, t in tensors.items()},
     }
+    meta["header_crc32"] = _header_crc(meta)
     with atomic_output(path) as tmp:
         write_safetensors(tensors, tmp, {"pfgen": json.dumps(meta)})
     return Path(path).stat().st_size
@@ -111,8 +132,12 @@ class RunState:
         except Exception:  # safetensors' own error types differ between versions
             raise bad from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PfgenError(f"{path} is not a pfgen state file", f"expected format {FORMAT}")
-        crcs = meta.get("crc32", {})
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise PfgenError(f"{path} is not a pfgen state file of this version (format {found}, expected {FORMAT})",
+                             "save the state again with this pfgen")
+        if meta.get("header_crc32") != _header_crc(meta) or not _fields_ok(meta):
+            raise bad
+        crcs = meta["crc32"]
         if set(crcs) != set(tensors) or any(_crc(t) != crcs[k] for k, t in tensors.items()):
             raise bad
         return cls(path, meta, tensors)

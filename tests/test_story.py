@@ -260,13 +260,17 @@ def test_state_saved_every_n_chunks_resumes_exactly(policy, pipe, tmp_path, monk
     assert torch.equal(torch.cat([c.latents for c in rest], dim=2), one[:, :, 9:])
 
 
-def _rewrite(path, out, change):
+def _rewrite(path, out, change, sign: bool = True):
+    """A copy of a state with its tensors and metadata changed; `sign` recomputes the metadata's CRC (an edit
+    made through pfgen's own writer), else the edit is a corruption."""
     tensors = load_file(str(path))
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["pfgen"])
     change(tensors, meta)
+    if sign:
+        meta["header_crc32"] = pfgen.state._header_crc(meta)
     save_file(tensors, str(out), metadata={"pfgen": json.dumps(meta)})
 
 
@@ -285,8 +289,12 @@ def test_states_that_do_not_fit_are_refused(saved, tmp_path, capsys):
     corrupt.write_bytes(bytes(flipped))
     other_model = tmp_path / "model.state"
     _rewrite(saved / "a.state", other_model, lambda t, m: m["model"].update(fingerprint="0" * 16))
+    edited = {"edited": ({"position": 27}, False), "position-abc": ({"position": "abc"}, True),
+              "size-0": ({"size": [0]}, True), "seed-str": ({"seed": "1"}, True), "no-prompt": ({"prompt": None}, True)}
+    for name, (fields, sign) in edited.items():  # a one-field edit of the metadata; valid CRC or not
+        _rewrite(saved / "a.state", tmp_path / f"{name}.state", lambda t, m: m.update(fields), sign=sign)
     state = str(saved / "a.state")
-    cases = [
+    cases = [*[(["--resume", str(tmp_path / f"{name}.state")], "is corrupt or truncated") for name in edited],
         (["--resume", state, "--policy", "rolling"], "was saved with the pyramid policy, this run uses rolling"),
         (["--resume", state, "--config", str(config)], "was saved with another config"),
         (["--resume", state, "--heads", str(heads)], "was saved with other head types"),
