@@ -7,7 +7,8 @@ Stages, each resumable from checkpoints written every few minutes into --out:
 1. vae:     AutoencoderKLWan, He-initialised; single frames first, then 13-frame clips, then 13-frame
             clips half of them randomly recoloured (colours beyond the training scenes'), then the same
             with object pixels weighted 20x (without it the objects came back as grey-blue smudges that
-            the scorer found in 0 % of frames); loss L1 + MSE + a small KL. Its convolutions are frame-wise (the taps on earlier frames are zero; only the
+            the scorer found in 0 % of frames), then the decoder alone on unrecoloured clips, still weighted
+            (the encoder frozen: the latent space is fixed from here); loss L1 + MSE + a small KL. Its convolutions are frame-wise (the taps on earlier frames are zero; only the
             temporal resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
             with full causal kernels, trained on short clips, breaks down past the clip length it was trained
             on. The latent statistics are measured afterwards and stored in the VAE config (latents_mean /
@@ -66,6 +67,7 @@ class Run:
         self.vae_steps = 6 if args.smoke else args.vae_steps
         self.recolour_steps = 4 if args.smoke else args.recolour_steps
         self.object_steps = 4 if args.smoke else args.object_steps
+        self.decoder_steps = 4 if args.smoke else args.decoder_steps
         self.pool = 4 if args.smoke else args.pool
         self.clip_latents = 9 if args.smoke else CLIP_LATENTS
         self.text_steps = 4 if args.smoke else args.text_steps
@@ -137,8 +139,9 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         video = world.frames(start, frames)
         y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
         clip = video[:, y:y + h, x:x + w].transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0
-        clips.append(recolour(rng, clip) if step >= run.vae_steps and rng.random() < 0.5 else clip)
-        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * on_objects(world, video) if step >= run.vae_steps + run.recolour_steps else 1.0
+        recolour_from, objects_from, decoder_from = vae_phase_starts(run)
+        clips.append(recolour(rng, clip) if recolour_from <= step < decoder_from and rng.random() < 0.5 else clip)
+        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * on_objects(world, video) if step >= objects_from else 1.0
         weights.append(np.broadcast_to(weight, video.shape[:3])[None, :, y:y + h, x:x + w])
     return torch.from_numpy(np.stack(clips).astype(np.float32)), torch.from_numpy(np.stack(weights).astype(np.float32))
 
@@ -214,20 +217,29 @@ def vae_heldout(vae, run: Run, clips: int = 8, frames: int = 33) -> dict:
     return {"heldout_psnr_db": round(float(np.mean(scores)), 2), "heldout_objects_found": round(float(np.mean(present)), 3)}
 
 
-def vae_phase_starts(run: Run) -> tuple[int, int]:
-    """The steps where the recolouring phase and the object phase begin (each with a fresh optimiser)."""
-    return run.vae_steps, run.vae_steps + run.recolour_steps
+def vae_phase_starts(run: Run) -> tuple[int, int, int]:
+    """The steps where the recolouring, object and decoder phases begin (each with a fresh optimiser)."""
+    objects = run.vae_steps + run.recolour_steps
+    return run.vae_steps, objects, objects + run.object_steps
+
+
+def freeze_encoder(vae) -> None:
+    """The decoder phase trains the decoder alone: the latent space (and so the DiT's data) stays as it is."""
+    for part in (vae.encoder, vae.quant_conv):
+        part.requires_grad_(False)
 
 
 def vae_lr(run: Run, step: int) -> float:
-    """Warm-up and cosine decay, peak 1e-3; the recolouring and object phases restart at 3e-4."""
-    recolour, objects = vae_phase_starts(run)
+    """Warm-up and cosine decay, peak 1e-3; the recolouring, object and decoder phases restart at 3e-4."""
+    recolour, objects, decoder = vae_phase_starts(run)
     if step < recolour:
         peak, warm, at, length = 1e-3, 50, step, run.vae_steps
     elif step < objects:
         peak, warm, at, length = 3e-4, 20, step - recolour, run.recolour_steps
-    else:
+    elif step < decoder:
         peak, warm, at, length = 3e-4, 20, step - objects, run.object_steps
+    else:
+        peak, warm, at, length = 3e-4, 20, step - decoder, run.decoder_steps
     return peak * min(1.0, (at + 1) / warm) * 0.5 * (1 + math.cos(math.pi * at / length)) + 2e-5
 
 
@@ -242,21 +254,30 @@ def train_vae(run: Run):
         return vae.eval()
 
     def optimiser():
-        return torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
+        trainable = [p for p in vae.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
 
-    opt, step, ckpt = optimiser(), 0, run.out / "ckpt-vae.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt)
-        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
+    step, ckpt, decoder_from = 0, run.out / "ckpt-vae.pt", vae_phase_starts(run)[2]
+    state = torch.load(ckpt) if ckpt.exists() else None
+    if state is not None:
+        vae.load_state_dict(state["vae"])
         step = state["step"]
+    if step >= decoder_from:
+        freeze_encoder(vae)
+    opt = optimiser()
+    if state is not None:
+        opt.load_state_dict(state["opt"])
     last = time.time()
-    while step < run.vae_steps + run.recolour_steps + run.object_steps:
+    while step < decoder_from + run.decoder_steps:
         if step in vae_phase_starts(run):
+            if step == decoder_from:
+                freeze_encoder(vae)
             opt = optimiser()
         for group in opt.param_groups:
             group["lr"] = vae_lr(run, step)
         x, weight = vae_batch(run, step)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(step < decoder_from):
+            posterior = vae.encode(x).latent_dist
         # The posterior mean, not a sample: the DiT stage encodes with the mean too, and early sampling noise
         # (unit variance at initialisation) would drown the reconstruction signal. The KL term keeps the
         # latents' scale in check.
@@ -540,6 +561,8 @@ def main(argv=None) -> None:
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
     parser.add_argument("--object-steps", type=int, default=800,
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
+    parser.add_argument("--decoder-steps", type=int, default=1000,
+                        help="VAE steps on the decoder alone (encoder frozen), after --object-steps")
     parser.add_argument("--pool", type=int, default=600, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
     parser.add_argument("--dit-steps", type=int, default=2400)
