@@ -310,8 +310,7 @@ def train_vae(run: Run):
 @torch.no_grad()
 def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """A fixed pool of training clips as raw posterior means (N, 16, T, h, w), their prompts, and the DiT's loss
-    weight of each latent pixel (N, 1, T, h, w): LATENT_OBJECT_WEIGHT where the pixels it encodes (its 8x8
-    block; its 4 frames, the first latent its one) touch an object, else 1."""
+    weight of each latent pixel (N, 1, T, h, w; `latent_weights`)."""
     path = run.out / "latents.pt"
     if path.exists():
         data = torch.load(path)
@@ -322,15 +321,22 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         clip, prompt, on_object = world_clip(run.rng(2, i), frames)
         latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
         prompts.append(prompt)
-        mask = torch.from_numpy(on_object).float()
-        mask = torch.cat([mask[:1].expand(4, -1, -1), mask[1:]])  # the first latent frame encodes frame 0 alone
-        touched = F.max_pool3d(mask[None, None], kernel_size=(4, 8, 8))[0]
-        weights.append(1.0 + (LATENT_OBJECT_WEIGHT - 1.0) * touched)
+        weights.append(latent_weights(on_object))
         if (i + 1) % 100 == 0:
             run.log(stage="latents", clips=i + 1)
     data = {"latents": torch.stack(latents), "prompts": prompts, "weights": torch.stack(weights)}
     save_checkpoint(path, **data)
     return data["latents"], prompts, data["weights"]
+
+
+def latent_weights(on_object: np.ndarray) -> torch.Tensor:
+    """(1, T, h, w) loss weights of the latents of a (1 + 4 (T - 1), H, W) object mask: LATENT_OBJECT_WEIGHT where
+    the pixels a latent encodes (its 8x8 block of its 4 frames; the first latent encodes frame 0 alone) touch
+    an object, else 1."""
+    mask = torch.from_numpy(on_object).float()
+    mask = torch.cat([mask[:1].expand(4, -1, -1), mask[1:]])
+    touched = F.max_pool3d(mask[None, None], kernel_size=(4, 8, 8))[0]
+    return 1.0 + (LATENT_OBJECT_WEIGHT - 1.0) * touched
 
 
 # ---- stage 3: DiT + text encoder ----------------------------------------------------------------------------

@@ -113,3 +113,48 @@ def test_bench_decoders_tiny(tmp_path):
     assert report["video_frames_per_chunk"] == 12 and len(report["runs_ms"]["tae"]) == 2
     assert report["wan_over_tae"] == report["ms_per_chunk"]["wan"] / report["ms_per_chunk"]["tae"] > 0
     assert "## bench_decoders.py" in markdown and "| 32x48 |" in markdown
+
+
+def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch):
+    """The VAE's last phase trains the decoder alone: the encoder at its end is the one the phase started with
+    (so the latent pool and the DiT do not depend on it), and the decoder did train."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    import train_world
+
+    args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
+                                 decoder_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1)
+    at_freeze = {}
+
+    def freeze(vae):
+        at_freeze.update({k: v.clone() for k, v in vae.state_dict().items()})
+        freeze_encoder(vae)
+
+    freeze_encoder = train_world.freeze_encoder
+    monkeypatch.setattr(train_world, "freeze_encoder", freeze)
+    torch.set_num_threads(1)
+    final = train_world.train_vae(train_world.Run(args)).state_dict()
+    encoder = [k for k in final if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in final if k.startswith("decoder.") and k.endswith("weight")]
+    assert encoder and all(torch.equal(final[k], at_freeze[k]) for k in encoder)
+    assert any(not torch.equal(final[k], at_freeze[k]) for k in decoder)
+
+
+def test_train_world_latent_weights_mark_the_latents_of_objects():
+    """A latent pixel weighs LATENT_OBJECT_WEIGHT when its 8x8 block of its frames (the first latent: frame 0;
+    then 4 frames each) touches an object: planted single object pixels land in the right latent."""
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPTS))
+    from train_world import LATENT_OBJECT_WEIGHT, latent_weights
+
+    mask = np.zeros((1 + 4 * 3, 64, 96), dtype=bool)
+    mask[0, 5, 90] = True  # frame 0 -> latent frame 0, row 0, column 11
+    mask[6, 20, 30] = True  # frames 5-8 -> latent frame 2, row 2, column 3
+    weights = latent_weights(mask)
+    assert weights.shape == (1, 4, 8, 12)
+    heavy = {tuple(i) for i in (weights == LATENT_OBJECT_WEIGHT).nonzero()[:, 1:].tolist()}
+    assert heavy == {(0, 0, 11), (2, 2, 3)} and set(weights.unique().tolist()) == {1.0, LATENT_OBJECT_WEIGHT}
