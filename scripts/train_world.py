@@ -21,8 +21,9 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             itself, all through the rolling cache's mask (sink 3 + window 21, chunk 3) on clips longer than
             the window. Per-chunk noise levels are independent (diffusion forcing), the clean context is
             lightly re-noised (the model learns to live with its own imperfect history), and both copies
-            share temporal RoPE positions, exactly as cached frames are read at inference. Latent pixels
-            that encode an object weigh 8x in the loss.
+            share temporal RoPE positions, exactly as cached frames are read at inference. (No weighting
+            by content here: a weight that depends on the target biases the learnt mean. Tried with objects
+            at 8x, the first chunk became object colours smeared over the whole frame.)
 The result is a diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that loads through the
 ordinary real-weights path (`--checkpoint DIR/transformer --wan-dir DIR`). A log of losses and evaluation
 figures goes to --out/log.jsonl.
@@ -54,9 +55,6 @@ CLIP_LATENTS = 27  # 9 chunks: longer than the 21-frame window, so training sees
 CHECKPOINT_SECONDS = 300
 TARGET_CHUNKS = 3  # noisy chunks per clip and step (each costs a chunk of tokens)
 OBJECT_WEIGHT = 20.0  # loss weight of object pixels in the VAE's object phase (objects are ~3 % of pixels)
-# Loss weight of latent pixels that encode an object, in the DiT stage (~7 % of latent pixels). Unweighted, the
-# first run drew every background and no object: the loss is nearly all background.
-LATENT_OBJECT_WEIGHT = 8.0
 
 
 class Run:
@@ -308,35 +306,23 @@ def train_vae(run: Run):
 # ---- stage 2: latents ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """A fixed pool of training clips as raw posterior means (N, 16, T, h, w), their prompts, and the DiT's loss
-    weight of each latent pixel (N, 1, T, h, w; `latent_weights`)."""
+def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
+    """A fixed pool of training clips as raw posterior means (N, 16, T, h, w), and their prompts."""
     path = run.out / "latents.pt"
     if path.exists():
         data = torch.load(path)
-        return data["latents"], data["prompts"], data["weights"]
+        return data["latents"], data["prompts"]
     frames = 1 + 4 * (run.clip_latents - 1)
-    latents, prompts, weights = [], [], []
+    latents, prompts = [], []
     for i in range(run.pool):
-        clip, prompt, on_object = world_clip(run.rng(2, i), frames)
+        clip, prompt, _ = world_clip(run.rng(2, i), frames)
         latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
         prompts.append(prompt)
-        weights.append(latent_weights(on_object))
         if (i + 1) % 100 == 0:
             run.log(stage="latents", clips=i + 1)
-    data = {"latents": torch.stack(latents), "prompts": prompts, "weights": torch.stack(weights)}
+    data = {"latents": torch.stack(latents), "prompts": prompts}
     save_checkpoint(path, **data)
-    return data["latents"], prompts, data["weights"]
-
-
-def latent_weights(on_object: np.ndarray) -> torch.Tensor:
-    """(1, T, h, w) loss weights of the latents of a (1 + 4 (T - 1), H, W) object mask: LATENT_OBJECT_WEIGHT where
-    the pixels a latent encodes (its 8x8 block of its 4 frames; the first latent encodes frame 0 alone) touch
-    an object, else 1."""
-    mask = torch.from_numpy(on_object).float()
-    mask = torch.cat([mask[:1].expand(4, -1, -1), mask[1:]])
-    touched = F.max_pool3d(mask[None, None], kernel_size=(4, 8, 8))[0]
-    return 1.0 + (LATENT_OBJECT_WEIGHT - 1.0) * touched
+    return data["latents"], prompts
 
 
 # ---- stage 3: DiT + text encoder ----------------------------------------------------------------------------
@@ -419,7 +405,7 @@ def sample_sigmas(rng, batch: int, chunks: int) -> np.ndarray:
     return np.where(rng.random((batch, chunks)) < 0.5, uniform, logit).clip(1e-3, 1.0)
 
 
-def dit_loss(transformer, text, tokenizer, latents, weights, prompts, rng) -> torch.Tensor:
+def dit_loss(transformer, text, tokenizer, latents, prompts, rng) -> torch.Tensor:
     """Flow-matching loss on TARGET_CHUNKS chunks of each clip (the first and random others), given the clean
     clip as history."""
     batch, _, frames, h, w = latents.shape
@@ -444,10 +430,10 @@ def dit_loss(transformer, text, tokenizer, latents, weights, prompts, rng) -> to
     TargetRoPE.targets = targets
     pred = transformer(torch.cat([context, noisy], dim=2), timestep=timestep,
                        encoder_hidden_states=encode_text(text, tokenizer, prompts), return_dict=False)[0]
-    return weighted_mse(pred[:, :, frames:], noise - x0, weights[:, :, targets])
+    return F.mse_loss(pred[:, :, frames:], noise - x0)
 
 
-def first_chunk_loss(transformer, text, tokenizer, latents, weights, prompts, rng) -> torch.Tensor:
+def first_chunk_loss(transformer, text, tokenizer, latents, prompts, rng) -> torch.Tensor:
     """Flow matching on the first chunk alone: no history, the prompt is all the model has. The first DiT steps
     train only this, at batch 16 (a step costs about what a batch-2 step with history does): with history from
     the start, 1900 steps at batch 2 left the model blind to its prompt (the first chunk's prediction the same
@@ -461,12 +447,7 @@ def first_chunk_loss(transformer, text, tokenizer, latents, weights, prompts, rn
     timestep = (sigma * 1000.0).repeat_interleave(FRAMES_PER_CHUNK * (h // 2) * (w // 2), dim=1)
     pred = transformer(noisy, timestep=timestep, encoder_hidden_states=encode_text(text, tokenizer, prompts),
                        return_dict=False)[0]
-    return weighted_mse(pred, noise - x0, weights[:, :, :FRAMES_PER_CHUNK])
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean squared error with per-latent-pixel weights (B, 1, T, h, w), normalised by the weights' mean."""
-    return (weight * (pred - target) ** 2).mean() / weight.mean()
+    return F.mse_loss(pred, noise - x0)
 
 
 def init_text_path(transformer) -> None:
@@ -482,7 +463,7 @@ def init_text_path(transformer) -> None:
             layer.bias.zero_()
 
 
-def train_dit(run: Run, pool: torch.Tensor, weights: torch.Tensor, prompts: list[str]):
+def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
     from transformers import ByT5Tokenizer
 
     torch.manual_seed(run.seed + 1)
@@ -510,7 +491,7 @@ def train_dit(run: Run, pool: torch.Tensor, weights: torch.Tensor, prompts: list
         rng = run.rng(3, step)
         first = step < run.text_steps
         pick = rng.choice(len(pool), size=run.text_batch if first else run.dit_batch, replace=False)
-        loss = (first_chunk_loss if first else dit_loss)(transformer, text, tokenizer, pool[pick], weights[pick],
+        loss = (first_chunk_loss if first else dit_loss)(transformer, text, tokenizer, pool[pick],
                                                          [prompts[i] for i in pick], rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -580,11 +561,11 @@ def main(argv=None) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     vae = train_vae(run).requires_grad_(False)
-    raw, prompts, weights = encode_pool(vae, run)
+    raw, prompts = encode_pool(vae, run)
     mean, std = latent_statistics(raw)
     view = (1, -1, 1, 1, 1)
     pool = (raw - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
-    transformer, text, tokenizer = train_dit(run, pool, weights, prompts)
+    transformer, text, tokenizer = train_dit(run, pool, prompts)
     folder = export(run, vae, transformer, text, tokenizer, mean, std)
     run.log(stage="done", folder=str(folder), minutes=round((time.time() - started) / 60, 1))
 

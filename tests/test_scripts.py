@@ -142,19 +142,3 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
     assert encoder and all(torch.equal(final[k], at_freeze[k]) for k in encoder)
     assert any(not torch.equal(final[k], at_freeze[k]) for k in decoder)
 
-
-def test_train_world_latent_weights_mark_the_latents_of_objects():
-    """A latent pixel weighs LATENT_OBJECT_WEIGHT when its 8x8 block of its frames (the first latent: frame 0;
-    then 4 frames each) touches an object: planted single object pixels land in the right latent."""
-    import numpy as np
-
-    sys.path.insert(0, str(SCRIPTS))
-    from train_world import LATENT_OBJECT_WEIGHT, latent_weights
-
-    mask = np.zeros((1 + 4 * 3, 64, 96), dtype=bool)
-    mask[0, 5, 90] = True  # frame 0 -> latent frame 0, row 0, column 11
-    mask[6, 20, 30] = True  # frames 5-8 -> latent frame 2, row 2, column 3
-    weights = latent_weights(mask)
-    assert weights.shape == (1, 4, 8, 12)
-    heavy = {tuple(i) for i in (weights == LATENT_OBJECT_WEIGHT).nonzero()[:, 1:].tolist()}
-    assert heavy == {(0, 0, 11), (2, 2, 3)} and set(weights.unique().tolist()) == {1.0, LATENT_OBJECT_WEIGHT}
