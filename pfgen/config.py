@@ -20,6 +20,7 @@ from pfgen.errors import PfgenError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 POLICIES = ("rolling", "full", "pyramid")
+SOLVERS = ("renoise", "ode")  # how a step goes from x0 to the next noise level (pfgen/sampling.py)
 RECACHE_MODES = ("all", "window")  # what a prompt switch re-encodes (docs/story.md)
 ROPE_MODES = ("absolute", "relative")  # temporal RoPE of cached keys (docs/story.md)
 BACKENDS = ("auto", "split", "sdpa", "triton")
@@ -62,6 +63,7 @@ class SamplingConfig:
     shift: float = 5.0  # flow-matching timestep shift used to warp the list
     warp: bool = True  # map the list through the shifted scheduler table (Self Forcing's warp)
     context_timestep: float = 0.0  # timestep of the clean pass that commits a chunk's K/V
+    solver: str = "renoise"  # renoise: fresh noise each step (the distilled students); ode: Euler on the flow
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,8 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
             fail(f"sampling.{key}", f"must lie in (0, {MAX_TIMESTEP:g}], got {list(steps)}")
         if any(a <= b for a, b in zip(steps, steps[1:])):
             fail(f"sampling.{key}", f"must decrease, got {list(steps)}", "e.g. [1000, 750, 500, 250]")
+    if sampling.solver not in SOLVERS:
+        fail("sampling.solver", f"'{sampling.solver}' is unknown", f"choose from {', '.join(SOLVERS)}")
     if not (math.isfinite(sampling.shift) and sampling.shift > 0):
         fail("sampling.shift", f"must be a positive number, got {sampling.shift}", "the students use 5.0")
     if not (math.isfinite(sampling.context_timestep) and 0 <= sampling.context_timestep <= MAX_TIMESTEP):

@@ -1,8 +1,11 @@
 """The few-step chunk loop: per chunk, the denoising passes over the cache, then one clean pass that commits.
 
 Flow matching: the model predicts v; x0 = x_t - sigma * v (float64, as the reference does); the next step
-re-noises x0 with fresh noise at the next sigma (float32, as the reference does). The last x0 is the chunk's
-output; the clean pass at `context_timestep` then writes the chunk's own K/V into the cache for the chunks
+re-noises x0 at the next sigma (float32, as the reference does): with fresh noise (`solver: renoise`, the
+distilled students' sampler), or with the noise the model implies, x_t - (1 - sigma) x0 over sigma = x0 + v
+(`solver: ode`, an Euler step of the flow: x_next = x_t - (sigma - next) v; for models trained by plain flow
+matching, whose x0 is the mean of what the noise allows, so fresh noise would average every sample away). The
+last x0 is the chunk's output; the clean pass at `context_timestep` then writes the chunk's own K/V into the cache for the chunks
 after it.
 """
 
@@ -104,7 +107,7 @@ class ChunkLoop:
                 on_step(i, x0)
             if i + 1 < len(schedule.sigmas):
                 nxt = schedule.sigmas[i + 1]
-                eps = noise.renoise(x.shape[2])
+                eps = noise.renoise(x.shape[2]) if self.cfg.solver == "renoise" else x0.float() + v.float()
                 x = ((1.0 - nxt) * x0.float() + nxt * eps.float()).to(x.dtype)
         return x0
 
