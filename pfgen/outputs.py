@@ -338,16 +338,28 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @contextmanager
 def signals_deferred():
-    """Block SIGINT, SIGTERM and SIGHUP in this (main) thread for the block; one that arrives meanwhile is
-    handled (as KeyboardInterrupt) right after it, so the block's steps happen all or not at all."""
+    """SIGINT, SIGTERM and SIGHUP that arrive during the block are recorded and handled (by the handler they
+    would have met, the CLI's: KeyboardInterrupt) right after it, so the block's steps happen all or not at all.
+
+    The handlers are swapped, not the main thread's signal mask: a process-directed signal (`kill`) goes to any
+    thread that does not block it (the encoder's, the stdin reader's), and Python then runs its handler in the
+    main thread at the next bytecode, inside the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in INTERRUPTS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler is not signal.SIG_IGN:
+                signal.raise_signal(pending[0])
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:
