@@ -590,11 +590,13 @@ def _pair_then(argv: list[str]) -> list[str]:
         if argv[i].startswith("--then="):
             raise PfgenError(f"{argv[i]}: --then takes two values, not one after '='", THEN_FORM)
         if argv[i] == "--then":
+            from pfgen.words import quote
+
             values = argv[i + 1:i + 3]
-            given = " ".join(["--then", *values])
-            looks = next((v for v in values if re.fullmatch(r"--?[A-Za-z].*", v)), None)
+            given = " ".join(["--then", *(v if len(v) <= 30 else quote(v, 30) for v in values)])
+            looks = next((v for v in values if re.fullmatch(r"--?[A-Za-z].*", v, flags=re.DOTALL)), None)
             if looks is not None:
-                raise PfgenError(f"{given}: {looks!r} looks like an option, not a value", THEN_FORM)
+                raise PfgenError(f"{given}: {quote(looks)} looks like an option, not a value", THEN_FORM)
             if len(values) < 2:
                 raise PfgenError(f"{given}: SECONDS and PROMPT are both needed", THEN_FORM)
             out += ["--then", THEN_SEPARATOR.join(values)]

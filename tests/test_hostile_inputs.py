@@ -189,3 +189,19 @@ def test_long_prompts_are_shortened_in_status_lines_and_kept_whole_in_the_mp4(tm
     tags = read_metadata(tmp_path / "out.mp4")
     assert tags["title"] == huge.strip() and json.loads(tags["comment"])["prompt"] == huge.strip()
     assert [p.name for p in tmp_path.iterdir() if p.name != "story.json"] == ["out.mp4"]
+
+
+@pytest.mark.parametrize("args, rows, message", [
+    ([], [{"at": 0, "prompt": "a red kite " * 1000, "seed": 1}],
+     "entry 1 must have exactly the keys 'at' and 'prompt', got the keys ['at', 'prompt', 'seed']"),
+    ([], [{"at": 0, "prompt": ["a red kite"] * 1000}], "the prompt must be a non-empty string, got ['a red kite'"),
+    (["--prompt", P1, "--then", "0.5", "--" + "a red kite " * 1000], None, "looks like an option, not a value"),
+])
+def test_errors_quoting_a_long_prompt_stay_short(tmp_path, args, rows, message):
+    """Before, the error line quoted the whole entry or value: 11,000 and 22,000 characters for a 10k prompt."""
+    if rows is not None:
+        (tmp_path / "story.json").write_text(json.dumps(rows))
+        args = ["--timeline", "story.json"]
+    run = pfgen(["generate", *args, *SMALL, "-o", "out.mp4"], tmp_path)
+    line = assert_refused(run, tmp_path, message)
+    assert len(line) < 400 and ("characters)" in line or "seed" in line), line
