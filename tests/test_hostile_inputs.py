@@ -205,3 +205,53 @@ def test_errors_quoting_a_long_prompt_stay_short(tmp_path, args, rows, message):
     run = pfgen(["generate", *args, *SMALL, "-o", "out.mp4"], tmp_path)
     line = assert_refused(run, tmp_path, message)
     assert len(line) < 400 and ("characters)" in line or "seed" in line), line
+
+
+# -- states edited by hand, with the metadata's CRC recomputed (as pfgen's writer does) ----------------------------
+@pytest.fixture(scope="module")
+def small_state(tmp_path_factory):
+    d = tmp_path_factory.mktemp("state")
+    run = pfgen(["generate", "--prompt", P1, "--seconds", "2", *SIZE, "-o", "a.mp4", "--save-state", "a.state"], d)
+    assert run.returncode == 0, run.stderr
+    return d / "a.state"
+
+
+def _set_rng(tensors, meta, rng):
+    import pfgen.state
+
+    tensors["rng"] = rng
+    meta["crc32"]["rng"] = pfgen.state._crc(rng)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("position-huge", lambda t, m: m.update(position=10 ** 30), "is corrupt or truncated"),
+    ("seed-negative", lambda t, m: m.update(seed=-5), "is corrupt or truncated"),
+    ("prompt-empty", lambda t, m: m.update(prompt=" "), "is corrupt or truncated"),
+    ("timeline-numbers", lambda t, m: m.update(timeline=[1, 2]), "is corrupt or truncated"),
+    ("timeline-no-prompt", lambda t, m: m["timeline"][0].pop("prompt"), "is corrupt or truncated"),
+    ("decoder-text", lambda t, m: m.update(decoder="abc"), "is corrupt or truncated"),
+    ("generator-banana", lambda t, m: m.update(generator="banana"), "is corrupt or truncated"),
+    ("loras-text", lambda t, m: m["model"].update(loras="x"), "is corrupt or truncated"),
+    ("no-rng", lambda t, m: (t.pop("rng"), m["crc32"].pop("rng")), "is corrupt or truncated"),
+    ("no-embeds", lambda t, m: (t.pop("embeds"), m["crc32"].pop("embeds")), "is corrupt or truncated"),
+    ("rng-short", lambda t, m: _set_rng(t, m, t["rng"][:10].clone()), "does not fit this run: its noise generator state cannot be restored"),
+    ("rules-text", lambda t, m: m["rules"].update(anchor="x"), "does not fit this run"),
+])
+def test_states_edited_by_hand_are_one_line(small_state, tmp_path, capsys, name, change, message):
+    """Every field is checked for type and range, the records inside it too, and the tensors every run saves must
+    be there: before, these were tracebacks (OverflowError, AttributeError, KeyError, RuntimeError from torch) or
+    were taken silently (a negative seed, an empty prompt, a timeline of numbers in the resumed mp4's metadata)."""
+    import pfgen.state
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(small_state))
+    with safe_open(str(small_state), framework="pt") as f:
+        meta = json.loads(f.metadata()["pfgen"])
+    change(tensors, meta)
+    meta["header_crc32"] = pfgen.state._header_crc(meta)
+    edited = tmp_path / f"{name}.state"
+    save_file(tensors, str(edited), metadata={"pfgen": json.dumps(meta)})
+    code, _, err = run_cli(["generate", "--resume", edited, "--seconds", "1", "-o", tmp_path / "out.mp4"], capsys)
+    assert code == 1 and f"{edited} {message}" in one_line_error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [edited.name]
