@@ -120,9 +120,17 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
              for k, v in model.items()}
     if lora:
         model["loras"] = cfg.model.loras + tuple(parse_lora_option(item) for item in lora)
-    return with_overrides(cfg, OPTION_NAMES, model=model,
-                          cache=dict(policy=policy, backend=backend, recache=recache_mode, rope=rope),
-                          runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
+    cfg = with_overrides(cfg, OPTION_NAMES, model=model,
+                         cache=dict(policy=policy, backend=backend, recache=recache_mode, rope=rope),
+                         runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
+    # Every weights source is an existing path or a well-formed reference, checked here (so --dry-run too), named
+    # as the user gave it; references are fetched only at load.
+    given = len(lora or ())
+    for i, item in enumerate(cfg.model.loras):
+        check_source(item.path, "--lora" if i >= len(cfg.model.loras) - given else "model.loras")
+    check_source(cfg.model.decoder_weights, "--decoder-weights" if model.get("decoder_weights") else
+                 "model.decoder_weights")
+    return cfg
 
 
 def _version(value: bool) -> None:

@@ -255,3 +255,19 @@ def test_states_edited_by_hand_are_one_line(small_state, tmp_path, capsys, name,
     code, _, err = run_cli(["generate", "--resume", edited, "--seconds", "1", "-o", tmp_path / "out.mp4"], capsys)
     assert code == 1 and f"{edited} {message}" in one_line_error(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [edited.name]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--lora", "a/b/c/d"], "--lora a/b/c/d"),
+    (["--lora", "org/"], "--lora org/"),
+    (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors"),
+    (["--decoder", "tae", "--decoder-weights", "org/name@"], "--decoder-weights org/name@"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_lora_and_decoder_sources_are_checked_with_the_others(tmp_path, args, named, dry_run):
+    """--lora and --decoder-weights are weights sources like --checkpoint: a malformed reference or a missing file is
+    one line naming the option, before anything loads and under --dry-run too (before, --dry-run took them, and the
+    real run named them `model.lora` / `model.decoder` once the model was loading)."""
+    run = pfgen(["generate", *args, *SMALL, *(["--dry-run"] if dry_run else ["-o", "out.mp4"])], tmp_path)
+    assert_refused(run, tmp_path, f"{named}: no such file or folder, and not a Hub reference", VALID_FORMS)
+    assert run.stdout == "" and list(tmp_path.iterdir()) == []
