@@ -162,6 +162,10 @@ def test_download_from_an_unavailable_hub_is_one_line(tmp_path, verbose):
     (lambda d: write_mp4(d / "short.mp4", 3), ["--window", "4"], "is 3.00 s long, shorter than one 4 s window"),
     (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "./no-such-dir"],
      "--clip-model: no such folder ./no-such-dir"),
+    (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "org/"],
+     "--clip-model: no such folder org/, and not a Hugging Face id"),
+    (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "a/b/c/d"],
+     "--clip-model: no such folder a/b/c/d, and not a Hugging Face id"),
 ])
 def test_evaluate_refuses_what_is_not_a_video_of_one_window(tmp_path, make, args, message):
     from PIL import Image
