@@ -509,7 +509,8 @@ def convert(
 
     _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {count(c.num_layers, 'layer')}, "
                      f"width {c.num_attention_heads * c.attention_head_dim} ({count(c.num_attention_heads, 'head')} x "
-                     f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
+                     f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}", highlight=False,
+                     soft_wrap=True)  # one line, whatever the terminal or log width
 
 
 @app.command()
@@ -635,6 +636,10 @@ def main(argv: list[str] | None = None) -> None:
         except PfgenError as exc:
             _fail(_with_kept(str(exc), exc), 1)
         except Exception as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `pfgen` alone: the help, as `pfgen --help` shows it
+                if exc.format_message():  # (Typer's rich help is printed already, and its message is empty)
+                    typer.echo(exc.format_message())
+                sys.exit(0)
             if _is_usage_error(exc):
                 ctx = getattr(exc, "ctx", None)
                 command = ctx.command.name if ctx is not None and ctx.command is not None else None
