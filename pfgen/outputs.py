@@ -214,7 +214,8 @@ def check_free_space(path: Path, needed: int, option: str, at_least: bool = Fals
 
 
 def check_outputs(**outputs: Path | None) -> None:
-    """Refuse two outputs of one run that share a path (one would destroy the other)."""
+    """Refuse two outputs of one run that share a path (one would destroy the other), and an output inside the
+    frames folder (which holds this run's frames and nothing else: the next run with -y would refuse it)."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None:
@@ -224,6 +225,14 @@ def check_outputs(**outputs: Path | None) -> None:
         if key in seen:
             raise PfgenError(f"{seen[key]} and {option} are the same file ({path})", "give each output its own path")
         seen[key] = option
+    frames_dir = outputs.get("frames_dir")
+    if frames_dir is not None:  # a frames folder holds this run's frames only (sinks.check_frames_dir)
+        folder = Path(os.path.abspath(Path(frames_dir).expanduser()))
+        for option, path in outputs.items():
+            if path is not None and option not in ("frames_dir", "resume") and \
+                    folder in Path(os.path.abspath(Path(path).expanduser())).parents:
+                raise PfgenError(f"--{option.replace('_', '-')} {path} is inside the --frames-dir folder {frames_dir}",
+                                 "that folder holds the frames only: write the file elsewhere")
 
 
 class OutputLock:

@@ -320,6 +320,22 @@ def test_outputs_are_distinct_before_any_work(args, message, tmp_path, capsys, m
     assert list(tmp_path.iterdir()) == []  # before: the whole run, then 33 PNGs left
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-o", "f/x.mp4"], "--output f/x.mp4 is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--preview", "f/p.png"], "--preview f/p.png is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--save-state", "./f/s.state"], "--save-state f/s.state is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--save-latents", "f/../f/l.safetensors"], "--save-latents f/../f/l.safetensors is inside"),
+])
+def test_no_output_inside_the_frames_folder(args, message, tmp_path, capsys, monkeypatch):
+    """Before, these ran: the frames folder then held a file that is no frame, and the next run with -y on it was
+    refused ("holds files that are not frames"), or would have replaced it with the old frames."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").mkdir()
+    code, _, err = run_cli(["generate", *SMALL, "--frames-dir", "f", *args], capsys)
+    assert code == 1 and message in one_line_error(err)
+    assert [p.name for p in tmp_path.rglob("*")] == ["f"]
+
+
 HOLDER = ("import sys, time\nfrom pfgen.outputs import output_lock\nwith output_lock(sys.argv[1], beside=True):\n"
           "    print('holding', flush=True)\n    time.sleep(600)\n")
 
