@@ -112,8 +112,8 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     from pfgen.hub import OPTIONS, check_source, is_reference
     from pfgen.wan.lora import parse_lora_option
 
-    for key in ("checkpoint", "wan_dir"):
-        check_source(model.get(key), OPTIONS[key])
+    for key in ("checkpoint", "wan_dir", "decoder_weights"):  # as typed (`org/` is no path to normalise)
+        check_source(model.get(key), OPTIONS.get(key, "--decoder-weights"))
     cfg = load_config(config)
     paths = ("checkpoint", "wan_dir", "decoder_weights")
     model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
@@ -128,8 +128,8 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     given = len(lora or ())
     for i, item in enumerate(cfg.model.loras):
         check_source(item.path, "--lora" if i >= len(cfg.model.loras) - given else "model.loras")
-    check_source(cfg.model.decoder_weights, "--decoder-weights" if model.get("decoder_weights") else
-                 "model.decoder_weights")
+    if model.get("decoder_weights") is None:  # the config file's own
+        check_source(cfg.model.decoder_weights, "model.decoder_weights")
     return cfg
 
 

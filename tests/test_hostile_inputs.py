@@ -266,6 +266,7 @@ def test_states_edited_by_hand_are_one_line(small_state, tmp_path, capsys, name,
     (["--lora", "org/"], "--lora org/"),
     (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors"),
     (["--decoder", "tae", "--decoder-weights", "org/name@"], "--decoder-weights org/name@"),
+    (["--decoder", "tae", "--decoder-weights", "org/"], "--decoder-weights org/"),
 ])
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_lora_and_decoder_sources_are_checked_with_the_others(tmp_path, args, named, dry_run):
