@@ -112,17 +112,25 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     from pfgen.hub import OPTIONS, check_source, is_reference
     from pfgen.wan.lora import parse_lora_option
 
-    for key in ("checkpoint", "wan_dir"):
-        check_source(model.get(key), OPTIONS[key])
+    for key in ("checkpoint", "wan_dir", "decoder_weights"):  # as typed (`org/` is no path to normalise)
+        check_source(model.get(key), OPTIONS.get(key, "--decoder-weights"))
     cfg = load_config(config)
     paths = ("checkpoint", "wan_dir", "decoder_weights")
     model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
              for k, v in model.items()}
     if lora:
         model["loras"] = cfg.model.loras + tuple(parse_lora_option(item) for item in lora)
-    return with_overrides(cfg, OPTION_NAMES, model=model,
-                          cache=dict(policy=policy, backend=backend, recache=recache_mode, rope=rope),
-                          runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
+    cfg = with_overrides(cfg, OPTION_NAMES, model=model,
+                         cache=dict(policy=policy, backend=backend, recache=recache_mode, rope=rope),
+                         runtime=dict(device=device, dtype=dtype, threads=threads, offload=offload))
+    # Every weights source is an existing path or a well-formed reference, checked here (so --dry-run too), named
+    # as the user gave it; references are fetched only at load.
+    given = len(lora or ())
+    for i, item in enumerate(cfg.model.loras):
+        check_source(item.path, "--lora" if i >= len(cfg.model.loras) - given else "model.loras")
+    if model.get("decoder_weights") is None:  # the config file's own
+        check_source(cfg.model.decoder_weights, "model.decoder_weights")
+    return cfg
 
 
 def _version(value: bool) -> None:
@@ -501,7 +509,8 @@ def convert(
 
     _console().print(f"wrote {output}: {params / 1e6:.1f} M parameters, {dtype}, {count(c.num_layers, 'layer')}, "
                      f"width {c.num_attention_heads * c.attention_head_dim} ({count(c.num_attention_heads, 'head')} x "
-                     f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}")
+                     f"{c.attention_head_dim}), FFN {c.ffn_dim}, text dim {c.text_dim}", highlight=False,
+                     soft_wrap=True)  # one line, whatever the terminal or log width
 
 
 @app.command()
@@ -590,11 +599,13 @@ def _pair_then(argv: list[str]) -> list[str]:
         if argv[i].startswith("--then="):
             raise PfgenError(f"{argv[i]}: --then takes two values, not one after '='", THEN_FORM)
         if argv[i] == "--then":
+            from pfgen.words import quote
+
             values = argv[i + 1:i + 3]
-            given = " ".join(["--then", *values])
-            looks = next((v for v in values if re.fullmatch(r"--?[A-Za-z].*", v)), None)
+            given = " ".join(["--then", *(v if len(v) <= 30 else quote(v, 30) for v in values)])
+            looks = next((v for v in values if re.fullmatch(r"--?[A-Za-z].*", v, flags=re.DOTALL)), None)
             if looks is not None:
-                raise PfgenError(f"{given}: {looks!r} looks like an option, not a value", THEN_FORM)
+                raise PfgenError(f"{given}: {quote(looks)} looks like an option, not a value", THEN_FORM)
             if len(values) < 2:
                 raise PfgenError(f"{given}: SECONDS and PROMPT are both needed", THEN_FORM)
             out += ["--then", THEN_SEPARATOR.join(values)]
@@ -625,6 +636,10 @@ def main(argv: list[str] | None = None) -> None:
         except PfgenError as exc:
             _fail(_with_kept(str(exc), exc), 1)
         except Exception as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `pfgen` alone: the help, as `pfgen --help` shows it
+                if exc.format_message():  # (Typer's rich help is printed already, and its message is empty)
+                    typer.echo(exc.format_message())
+                sys.exit(0)
             if _is_usage_error(exc):
                 ctx = getattr(exc, "ctx", None)
                 command = ctx.command.name if ctx is not None and ctx.command is not None else None

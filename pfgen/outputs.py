@@ -214,7 +214,8 @@ def check_free_space(path: Path, needed: int, option: str, at_least: bool = Fals
 
 
 def check_outputs(**outputs: Path | None) -> None:
-    """Refuse two outputs of one run that share a path (one would destroy the other)."""
+    """Refuse two outputs of one run that share a path (one would destroy the other), and an output inside the
+    frames folder (which holds this run's frames and nothing else: the next run with -y would refuse it)."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None:
@@ -224,6 +225,14 @@ def check_outputs(**outputs: Path | None) -> None:
         if key in seen:
             raise PfgenError(f"{seen[key]} and {option} are the same file ({path})", "give each output its own path")
         seen[key] = option
+    frames_dir = outputs.get("frames_dir")
+    if frames_dir is not None:  # a frames folder holds this run's frames only (sinks.check_frames_dir)
+        folder = Path(os.path.abspath(Path(frames_dir).expanduser()))
+        for option, path in outputs.items():
+            if path is not None and option not in ("frames_dir", "resume") and \
+                    folder in Path(os.path.abspath(Path(path).expanduser())).parents:
+                raise PfgenError(f"--{option.replace('_', '-')} {path} is inside the --frames-dir folder {frames_dir}",
+                                 "that folder holds the frames only: write the file elsewhere")
 
 
 class OutputLock:
@@ -338,16 +347,28 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @contextmanager
 def signals_deferred():
-    """Block SIGINT, SIGTERM and SIGHUP in this (main) thread for the block; one that arrives meanwhile is
-    handled (as KeyboardInterrupt) right after it, so the block's steps happen all or not at all."""
+    """SIGINT, SIGTERM and SIGHUP that arrive during the block are recorded and handled (by the handler they
+    would have met, the CLI's: KeyboardInterrupt) right after it, so the block's steps happen all or not at all.
+
+    The handlers are swapped, not the main thread's signal mask: a process-directed signal (`kill`) goes to any
+    thread that does not block it (the encoder's, the stdin reader's), and Python then runs its handler in the
+    main thread at the next bytecode, inside the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in INTERRUPTS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler is not signal.SIG_IGN:
+                signal.raise_signal(pending[0])
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:

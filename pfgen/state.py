@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pfgen import __version__
-from pfgen.config import to_dict
+from pfgen.config import MAX_SEED, to_dict
 from pfgen.errors import PfgenError
 from pfgen.outputs import atomic_output, write_safetensors
 from pfgen.wan.fingerprint import model_fingerprint
@@ -38,15 +38,39 @@ def _header_crc(meta: dict) -> int:
     return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "header_crc32"}, sort_keys=True).encode())
 
 
+# Past any video (2^31 latent frames: 17 years at 16 fps) and inside every index type the cache and RoPE use.
+MAX_POSITION = 2 ** 31 - 1
+GENERATORS = ("cpu", "cuda", "mps")  # the device types a run may draw its noise on
+SWITCH = {"seconds": (int, float), "video_frame": int, "latent_frame": int, "prompt": str, "source": str}
+LORA = {"sha256": str, "scale": (int, float), "alpha": (int, float, type(None))}
+
+
+def _typed(value, kind) -> bool:
+    """isinstance, where a bool is no number."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _records_ok(records, fields: dict) -> bool:
+    return isinstance(records, list) and all(
+        isinstance(r, dict) and all(k in r and _typed(r[k], t) for k, t in fields.items()) for r in records)
+
+
 def _fields_ok(meta: dict) -> bool:
-    """Every field present with its type, and the numbers in range (bool is not an int here)."""
-    if any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in FIELDS.items()):
+    """Every field present with its type, and the numbers in range (bool is not an int here); the records inside
+    (the timeline's switches, the LoRAs) with theirs. A state edited by hand with a recomputed CRC is refused
+    here rather than failing later inside torch."""
+    if any(not _typed(meta.get(k), t) for k, t in FIELDS.items()):
         return False
     size, seed = meta["size"], meta.get("seed")
-    return (meta["position"] >= 0 and meta["batch"] >= 1 and len(size) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    return (0 <= meta["position"] <= MAX_POSITION and meta["batch"] >= 1 and len(size) == 2
+            and all(_typed(n, int) and 0 < n <= 2 ** 16 for n in size)
             and isinstance(meta["model"].get("fingerprint"), str)
-            and (seed is None or (isinstance(seed, int) and not isinstance(seed, bool))))
+            and _records_ok(meta["model"].get("loras", []), LORA)
+            and meta["generator"] in GENERATORS and meta["prompt"].strip() != ""
+            and _records_ok(meta["timeline"], SWITCH)
+            and all(s["prompt"].strip() and s["video_frame"] >= 0 and s["latent_frame"] >= 0 for s in meta["timeline"])
+            and (meta.get("decoder") is None or isinstance(meta["decoder"], dict))
+            and (seed is None or (_typed(seed, int) and 0 <= seed <= MAX_SEED)))
 
 
 def _sha(data) -> str:
@@ -140,6 +164,8 @@ class RunState:
         crcs = meta["crc32"]
         if set(crcs) != set(tensors) or any(_crc(t) != crcs[k] for k, t in tensors.items()):
             raise bad
+        if not {"embeds", "rng"} <= set(tensors) or tensors["rng"].dtype != torch.uint8:
+            raise bad  # what every run saves: the prompt embeddings and the noise generator's state
         return cls(path, meta, tensors)
 
     @property
@@ -193,7 +219,7 @@ class RunState:
                     raise ValueError("the state has no decoder cache (saved without decoding)")
                 vae = {k[len("vae."):]: t for k, t in self.tensors.items() if k.startswith("vae.")}
                 story.decoder.load_state_dict(vae, self.meta["decoder"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise PfgenError(f"{self.path} does not fit this run: {exc}") from None
         story.kept = {int(k[len("kept."):]): t.to(device) for k, t in self.tensors.items() if k.startswith("kept.")}
         story.embeds = self.tensors["embeds"].to(device)
@@ -202,4 +228,8 @@ class RunState:
         if story.noise.generator.device.type != self.meta["generator"]:
             raise PfgenError(f"{self.path} holds a {self.meta['generator']} noise generator, this run uses "
                              f"{story.noise.generator.device.type}", "resume on the same kind of device")
-        story.noise.generator.set_state(self.tensors["rng"])
+        try:
+            story.noise.generator.set_state(self.tensors["rng"])
+        except RuntimeError as exc:  # a generator state of another size or kind
+            raise PfgenError(f"{self.path} does not fit this run: its noise generator state cannot be restored "
+                             f"({str(exc).splitlines()[0][:100]})") from None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pfgen.errors import PfgenError
 from pfgen.frames import VAE_TIME, chunk_video_frames
+from pfgen.words import quote
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class Entry:
 
 def _entry(at, prompt, where: str, embeds=None) -> Entry:
     if type(at) not in (int, float) or not math.isfinite(at) or at < 0:
-        raise PfgenError(f"{where}: the time must be a number of seconds >= 0, got {at!r}")
+        raise PfgenError(f"{where}: the time must be a number of seconds >= 0, got {quote(at)}")
     if embeds is None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise PfgenError(f"{where}: the prompt must be a non-empty string, got {prompt!r}")
+        raise PfgenError(f"{where}: the prompt must be a non-empty string, got {quote(prompt)}")
     return Entry(float(at), prompt.strip() if isinstance(prompt, str) else None, embeds)
 
 
@@ -53,7 +54,8 @@ def from_rows(rows, where: str) -> list[Entry]:
     entries = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or set(row) != {"at", "prompt"}:
-            raise PfgenError(f"{where}: entry {i + 1} must have exactly the keys 'at' and 'prompt', got {row!r}")
+            got = f"the keys {quote(sorted(map(str, row)))}" if isinstance(row, dict) else quote(row)
+            raise PfgenError(f"{where}: entry {i + 1} must have exactly the keys 'at' and 'prompt', got {got}")
         entries.append(_entry(row["at"], row["prompt"], f"{where}, entry {i + 1}"))
     return check_order(entries, where)
 
@@ -116,7 +118,7 @@ def from_api(timeline) -> list[Entry]:
     entries = []
     for i, item in enumerate(timeline):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise PfgenError(f"timeline entry {i}: expected (seconds, prompt or prompt_embeds), got {item!r}")
+            raise PfgenError(f"timeline entry {i}: expected (seconds, prompt or prompt_embeds), got {quote(item)}")
         at, what = item
         text, embeds = (what, None) if isinstance(what, str) else (None, what)
         entries.append(_entry(at, text, f"timeline entry {i}", embeds))

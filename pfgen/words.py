@@ -23,3 +23,12 @@ def shorten(text: str, limit: int = 60) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit - 3]!r}... ({len(text):,} characters)"
+
+
+def quote(value, limit: int = 60) -> str:
+    """Any value as an error line quotes it: a text as `shorten` does, anything else by its repr, cut the same way
+    (a 10k-character prompt in a bad timeline entry must not make a 10k-character error line)."""
+    if isinstance(value, str):
+        return shorten(value, limit)
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} characters)"

@@ -115,6 +115,42 @@ def test_a_signal_before_any_state_removes_frames_and_preview(sig, code, tmp_pat
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["f", "f/frame_000050.png"]
 
 
+SIGNAL_WHILE_SAVING = """
+import os, signal, sys
+import pfgen.state
+save = pfgen.state.save_state
+
+def save_then_signal(*args, **kw):
+    size = save(*args, **kw)  # the state is in place; the frames it continues are not recorded yet
+    os.kill(os.getpid(), signal.SIGTERM)  # process-directed, like `kill`: any thread may take it
+    sum(range(10 ** 6))  # bytecodes still inside the deferred block
+    return size
+
+pfgen.state.save_state = save_then_signal
+from pfgen.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_signal_while_a_state_is_saved_waits_for_it(state, tmp_path):
+    """The state and the frames it continues are recorded in one step. Before, the step blocked the signals in the
+    main thread only; the encoder's threads took a SIGTERM and Python ran the handler in the main thread inside
+    the step, after the state was renamed into place and before its frames were recorded: the mp4 was removed
+    while the state had advanced (the hostile pass's in-place case, under load). Deterministic here: the signal
+    arrives right after the state file is written."""
+    shutil.copy(state, tmp_path / "ip.state")
+    before = position(tmp_path / "ip.state")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_SAVING, "generate", "--resume", "ip.state",
+                           "--save-state", "ip.state", "--save-state-every", "1", "--seconds", "30", "-o", "ip.mp4"],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    after = position(tmp_path / "ip.state")
+    assert proc.returncode == 143 and after == before + 3, proc.stderr
+    assert error_line(proc.stderr) == ("error: interrupted by SIGTERM (kept ip.mp4 with the first 12 frames, up to "
+                                       "the state saved in ip.state)")
+    assert decoded_frames(tmp_path / "ip.mp4") == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ip.mp4", "ip.state"]
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_a_failed_run_leaves_its_state_consistent(in_place, state, mount, tmp_path, capsys):
     """The mp4 cannot be written (a full disk); the run saved states meanwhile. Nothing can be kept, so a new
@@ -282,6 +318,22 @@ def test_outputs_are_distinct_before_any_work(args, message, tmp_path, capsys, m
     code, _, err = run_cli(["generate", *SMALL, *args], capsys)
     assert code == 1 and message in one_line_error(err)
     assert list(tmp_path.iterdir()) == []  # before: the whole run, then 33 PNGs left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "f/x.mp4"], "--output f/x.mp4 is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--preview", "f/p.png"], "--preview f/p.png is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--save-state", "./f/s.state"], "--save-state f/s.state is inside the --frames-dir folder f"),
+    (["-o", "x.mp4", "--save-latents", "f/../f/l.safetensors"], "--save-latents f/../f/l.safetensors is inside"),
+])
+def test_no_output_inside_the_frames_folder(args, message, tmp_path, capsys, monkeypatch):
+    """Before, these ran: the frames folder then held a file that is no frame, and the next run with -y on it was
+    refused ("holds files that are not frames"), or would have replaced it with the old frames."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").mkdir()
+    code, _, err = run_cli(["generate", *SMALL, "--frames-dir", "f", *args], capsys)
+    assert code == 1 and message in one_line_error(err)
+    assert [p.name for p in tmp_path.rglob("*")] == ["f"]
 
 
 HOLDER = ("import sys, time\nfrom pfgen.outputs import output_lock\nwith output_lock(sys.argv[1], beside=True):\n"

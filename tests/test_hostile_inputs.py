@@ -162,6 +162,10 @@ def test_download_from_an_unavailable_hub_is_one_line(tmp_path, verbose):
     (lambda d: write_mp4(d / "short.mp4", 3), ["--window", "4"], "is 3.00 s long, shorter than one 4 s window"),
     (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "./no-such-dir"],
      "--clip-model: no such folder ./no-such-dir"),
+    (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "org/"],
+     "--clip-model: no such folder org/, and not a Hugging Face id"),
+    (lambda d: write_mp4(d / "ok.mp4", 1), ["--deep", "--clip-model", "a/b/c/d"],
+     "--clip-model: no such folder a/b/c/d, and not a Hugging Face id"),
 ])
 def test_evaluate_refuses_what_is_not_a_video_of_one_window(tmp_path, make, args, message):
     from PIL import Image
@@ -189,3 +193,86 @@ def test_long_prompts_are_shortened_in_status_lines_and_kept_whole_in_the_mp4(tm
     tags = read_metadata(tmp_path / "out.mp4")
     assert tags["title"] == huge.strip() and json.loads(tags["comment"])["prompt"] == huge.strip()
     assert [p.name for p in tmp_path.iterdir() if p.name != "story.json"] == ["out.mp4"]
+
+
+@pytest.mark.parametrize("args, rows, message", [
+    ([], [{"at": 0, "prompt": "a red kite " * 1000, "seed": 1}],
+     "entry 1 must have exactly the keys 'at' and 'prompt', got the keys ['at', 'prompt', 'seed']"),
+    ([], [{"at": 0, "prompt": ["a red kite"] * 1000}], "the prompt must be a non-empty string, got ['a red kite'"),
+    (["--prompt", P1, "--then", "0.5", "--" + "a red kite " * 1000], None, "looks like an option, not a value"),
+])
+def test_errors_quoting_a_long_prompt_stay_short(tmp_path, args, rows, message):
+    """Before, the error line quoted the whole entry or value: 11,000 and 22,000 characters for a 10k prompt."""
+    if rows is not None:
+        (tmp_path / "story.json").write_text(json.dumps(rows))
+        args = ["--timeline", "story.json"]
+    run = pfgen(["generate", *args, *SMALL, "-o", "out.mp4"], tmp_path)
+    line = assert_refused(run, tmp_path, message)
+    assert len(line) < 400 and ("characters)" in line or "seed" in line), line
+
+
+# -- states edited by hand, with the metadata's CRC recomputed (as pfgen's writer does) ----------------------------
+@pytest.fixture(scope="module")
+def small_state(tmp_path_factory):
+    d = tmp_path_factory.mktemp("state")
+    run = pfgen(["generate", "--prompt", P1, "--seconds", "2", *SIZE, "-o", "a.mp4", "--save-state", "a.state"], d)
+    assert run.returncode == 0, run.stderr
+    return d / "a.state"
+
+
+def _set_rng(tensors, meta, rng):
+    import pfgen.state
+
+    tensors["rng"] = rng
+    meta["crc32"]["rng"] = pfgen.state._crc(rng)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("position-huge", lambda t, m: m.update(position=10 ** 30), "is corrupt or truncated"),
+    ("seed-negative", lambda t, m: m.update(seed=-5), "is corrupt or truncated"),
+    ("prompt-empty", lambda t, m: m.update(prompt=" "), "is corrupt or truncated"),
+    ("timeline-numbers", lambda t, m: m.update(timeline=[1, 2]), "is corrupt or truncated"),
+    ("timeline-no-prompt", lambda t, m: m["timeline"][0].pop("prompt"), "is corrupt or truncated"),
+    ("decoder-text", lambda t, m: m.update(decoder="abc"), "is corrupt or truncated"),
+    ("generator-banana", lambda t, m: m.update(generator="banana"), "is corrupt or truncated"),
+    ("loras-text", lambda t, m: m["model"].update(loras="x"), "is corrupt or truncated"),
+    ("no-rng", lambda t, m: (t.pop("rng"), m["crc32"].pop("rng")), "is corrupt or truncated"),
+    ("no-embeds", lambda t, m: (t.pop("embeds"), m["crc32"].pop("embeds")), "is corrupt or truncated"),
+    ("rng-short", lambda t, m: _set_rng(t, m, t["rng"][:10].clone()), "does not fit this run: its noise generator state cannot be restored"),
+    ("rules-text", lambda t, m: m["rules"].update(anchor="x"), "does not fit this run"),
+])
+def test_states_edited_by_hand_are_one_line(small_state, tmp_path, capsys, name, change, message):
+    """Every field is checked for type and range, the records inside it too, and the tensors every run saves must
+    be there: before, these were tracebacks (OverflowError, AttributeError, KeyError, RuntimeError from torch) or
+    were taken silently (a negative seed, an empty prompt, a timeline of numbers in the resumed mp4's metadata)."""
+    import pfgen.state
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(small_state))
+    with safe_open(str(small_state), framework="pt") as f:
+        meta = json.loads(f.metadata()["pfgen"])
+    change(tensors, meta)
+    meta["header_crc32"] = pfgen.state._header_crc(meta)
+    edited = tmp_path / f"{name}.state"
+    save_file(tensors, str(edited), metadata={"pfgen": json.dumps(meta)})
+    code, _, err = run_cli(["generate", "--resume", edited, "--seconds", "1", "-o", tmp_path / "out.mp4"], capsys)
+    assert code == 1 and f"{edited} {message}" in one_line_error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [edited.name]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--lora", "a/b/c/d"], "--lora a/b/c/d"),
+    (["--lora", "org/"], "--lora org/"),
+    (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors"),
+    (["--decoder", "tae", "--decoder-weights", "org/name@"], "--decoder-weights org/name@"),
+    (["--decoder", "tae", "--decoder-weights", "org/"], "--decoder-weights org/"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_lora_and_decoder_sources_are_checked_with_the_others(tmp_path, args, named, dry_run):
+    """--lora and --decoder-weights are weights sources like --checkpoint: a malformed reference or a missing file is
+    one line naming the option, before anything loads and under --dry-run too (before, --dry-run took them, and the
+    real run named them `model.lora` / `model.decoder` once the model was loading)."""
+    run = pfgen(["generate", *args, *SMALL, *(["--dry-run"] if dry_run else ["-o", "out.mp4"])], tmp_path)
+    assert_refused(run, tmp_path, f"{named}: no such file or folder, and not a Hub reference", VALID_FORMS)
+    assert run.stdout == "" and list(tmp_path.iterdir()) == []

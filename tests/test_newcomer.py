@@ -142,3 +142,23 @@ def test_docs_cite_only_what_the_repository_holds():
     outputs = re.findall(r"-o (\S+\.mp4)", story)
     assert len(outputs) == len(set(outputs)) >= 6  # every example can run after the others
     assert "(B, 3, F, H, W) in [-1, 1]" in readme and "pfgen download --config self-forcing" in readme
+
+
+def test_convert_closing_line_is_one_line_in_a_log(tmp_path):
+    """stderr is a pipe 40 columns wide: the `wrote` line stays whole (before, it was wrapped after "FFN")."""
+    from pfgen.wan.tiny import tiny_transformer
+
+    tiny_transformer(num_layers=2).save_pretrained(tmp_path / "ck", safe_serialization=True)
+    run = subprocess.run([sys.executable, "-m", "pfgen", "convert", "ck", "-o", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, env={**child_env(), "COLUMNS": "40"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == ["wrote out: 0.6 M parameters, float32, 2 layers, width 128 (4 heads x 32), "
+                                       "FFN 256, text dim 32"]
+
+
+def test_pfgen_alone_prints_the_help(tmp_path):
+    """Before: the help, then `error:  (see pfgen --help)` with an empty message and exit 2."""
+    run = subprocess.run([sys.executable, "-m", "pfgen"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**child_env(), "COLUMNS": "80"}, timeout=120)
+    assert run.returncode == 0 and run.stderr == "" and "Usage: pfgen [OPTIONS] COMMAND" in run.stdout
+    assert "generate" in run.stdout and "evaluate" in run.stdout

@@ -310,3 +310,25 @@ def test_profile_outputs_follow_the_overwrite_rule(profiled, capsys, tmp_path):
 def test_profile_heads_takes_threads(capsys, tmp_path):
     code, _, err = run_cli(["profile-heads", "-o", str(tmp_path / "h.json"), "--threads", "0"], capsys)
     assert code == 1 and "--threads must be at least 1" in err
+
+
+def test_too_short_a_calibration_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):
+    """--seconds 1 on the tiny model gives 6 latent frames, 2 chunks: the old check (2 chunks) let it through, the
+    whole calibration ran, and only the classifier said "no history to profile" (leaving --stats-out behind). The
+    check is now the classifier's own, before the model loads; the length it suggests passes it."""
+    import pfgen.pipeline
+
+    def loaded(*_, **__):
+        raise pfgen.errors.PfgenError("the model loads now")
+
+    monkeypatch.setattr(pfgen.pipeline, "load_pipeline", loaded)
+    (tmp_path / "p.txt").write_text("a red kite\n")
+    args = ["profile-heads", "--prompts", tmp_path / "p.txt", "--height", "32", "--width", "48", "-o",
+            tmp_path / "h.json", "--stats-out", tmp_path / "s.safetensors"]
+    code, _, err = run_cli([*args, "--seconds", "1"], capsys)
+    assert code == 1 and err.strip() == ("error: --seconds 1 gives 6 latent frames: no history to profile (the "
+                                         "classifier needs 7) (use --seconds 1.75 or more (the published recipe "
+                                         "uses 15 s))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+    code, _, err = run_cli([*args, "--seconds", "1.75"], capsys)
+    assert code == 1 and "the model loads now" in err

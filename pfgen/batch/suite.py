@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pfgen.config import Config, to_dict, with_overrides
 from pfgen.errors import PfgenError
+from pfgen.words import quote
 
 JSONL_KEYS = ("prompt", "seed", "seconds", "name", "timeline", "image")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -141,14 +142,14 @@ def _jsonl_fields(text: str, where: str) -> dict:
     if not isinstance(prompt, str) or not prompt.strip():
         raise PfgenError(f"{where}: \"prompt\" must be a non-empty string")
     if seed is not None and (type(seed) is not int or not 0 <= seed < 2 ** 63):
-        raise PfgenError(f"{where}: \"seed\" must be a non-negative integer, got {seed!r}")
+        raise PfgenError(f"{where}: \"seed\" must be a non-negative integer, got {quote(seed)}")
     if seconds is not None and (type(seconds) not in (int, float) or not 0 < seconds < float("inf")):
-        raise PfgenError(f"{where}: \"seconds\" must be a positive number, got {seconds!r}")
+        raise PfgenError(f"{where}: \"seconds\" must be a positive number, got {quote(seconds)}")
     if name is not None and (not isinstance(name, str) or not NAME.fullmatch(name)):
-        raise PfgenError(f"{where}: \"name\" {name!r} is not a safe file name",
+        raise PfgenError(f"{where}: \"name\" {quote(name)} is not a safe file name",
                          "use letters, digits, '.', '_' and '-', starting with a letter or digit")
     if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise PfgenError(f"{where}: \"image\" must be a path to an image file, got {image!r}")
+        raise PfgenError(f"{where}: \"image\" must be a path to an image file, got {quote(image)}")
     return {**{k: v for k, v in fields.items() if v is not None}, "prompt": prompt.strip()}
 
 

@@ -7,6 +7,7 @@ The result is the plain dict that `--json` prints (docs/evaluate.md describes it
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +29,22 @@ class EvaluateRequest:
     clip_model: str | None = None  # None: DEFAULT_CLIP
 
 
+HF_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # a Hub model id: name or org/name
+
+
 def check_request(req: EvaluateRequest) -> None:
     if not (req.window_s > 0 and math.isfinite(req.window_s)):
         raise PfgenError(f"--window must be a positive number of seconds, got {req.window_s}")
     if not req.deep and (req.prompt is not None or req.clip_model is not None):
         raise PfgenError("--prompt and --clip-model are for --deep", "add --deep")
     clip = req.clip_model
-    if clip is not None and clip.startswith((".", "/", "~")) and not Path(clip).expanduser().exists():
-        raise PfgenError(f"--clip-model: no such folder {clip}",
-                         "give a folder written by CLIPModel.save_pretrained, or a Hugging Face id (org/name)")
+    hint = "give a folder written by CLIPModel.save_pretrained, or a Hugging Face id (org/name)"
+    if clip is None or Path(clip).expanduser().exists():
+        return
+    if clip.startswith((".", "/", "~")):
+        raise PfgenError(f"--clip-model: no such folder {clip}", hint)
+    if not HF_ID.fullmatch(clip):  # `org/`, `a/b/c/d`: no id to look up in the cache (nor to `hf download`)
+        raise PfgenError(f"--clip-model: no such folder {clip}, and not a Hugging Face id", hint)
 
 
 def evaluate(req: EvaluateRequest, on_video=lambda done, total, label: None) -> dict:

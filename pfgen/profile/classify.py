@@ -334,6 +334,12 @@ class Classification:
                 for t, rows in grouped.items() if rows and len(rows[0])}
 
 
+def min_profile_frames(sink_frames: int, recent_lags: int = 2) -> int:
+    """The fewest latent frames (T) `classify` can profile: the sink, the recent lags, the current frame and at
+    least one frame of history beyond them (`profile-heads` checks its --seconds against this before it runs)."""
+    return sink_frames + recent_lags + 2
+
+
 def classify(frame_logits: Any, sink_frames: int = 3, window: int | None = 21,
              thresholds: Thresholds = Thresholds(), *, recent_lags: int = 2,
              max_lag: int | None = None, detrend: bool = True) -> Classification:
@@ -348,7 +354,7 @@ def classify(frame_logits: Any, sink_frames: int = 3, window: int | None = 21,
     t = arr.shape[-1]
     if max_lag is None:
         max_lag = (window - sink_frames - 1) if window else t - 1 - sink_frames
-    if sink_frames < 0 or recent_lags < 1 or max_lag <= recent_lags or t <= sink_frames + recent_lags + 1:
+    if sink_frames < 0 or recent_lags < 1 or max_lag <= recent_lags or t < min_profile_frames(sink_frames, recent_lags):
         raise ValueError(f"no history to profile: T={t}, sink_frames={sink_frames}, "
                          f"recent_lags={recent_lags}, max_lag={max_lag}")
     stats = [[head_statistics(arr[l, h], sink_frames, max_lag, recent_lags, detrend)

@@ -9,7 +9,7 @@ from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
 from pfgen.outputs import check_folder_writable, check_output_path, check_outputs
 from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, read_prompts, remove_parts
-from pfgen.profile.classify import Thresholds, agreement, classify
+from pfgen.profile.classify import Thresholds, agreement, classify, min_profile_frames
 from pfgen.wan.fingerprint import model_fingerprint
 
 
@@ -76,16 +76,20 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
         stats = Statistics.load(req.from_stats)
         _check_reference(req, stats.meta["layers"], stats.meta["heads"])
         return stats
-    from pfgen.frames import frames_for_seconds
-    from pfgen.frames import latent_frames_for
+    from pfgen.frames import VAE_TIME, frames_for_seconds, latent_frames_for
     from pfgen.pipeline import load_pipeline
 
     prompts = read_prompts(req.prompts, world=cfg.model.checkpoint is None)
     per_chunk = cfg.sampling.frames_per_chunk
     latent = latent_frames_for(frames_for_seconds(req.seconds, cfg.video.fps), per_chunk)
-    if latent // per_chunk < 2:
-        raise PfgenError(f"--seconds {req.seconds} gives {latent // per_chunk} chunk(s): no history to profile",
-                         "use at least 2 chunks (the published recipe uses 15 s)")
+    need = max(min_profile_frames(cfg.cache.rolling.sink), 2 * per_chunk)  # and a chunk that reads a cache
+    if latent < need:  # the classifier's own condition, checked before the calibration runs, not after
+        shortest = next(k * VAE_TIME / cfg.video.fps for k in range(1, need + 1)
+                        if latent_frames_for(frames_for_seconds(k * VAE_TIME / cfg.video.fps, cfg.video.fps),
+                                             per_chunk) >= need)
+        raise PfgenError(f"--seconds {req.seconds:g} gives {latent} latent frames: no history to profile (the "
+                         f"classifier needs {need})", f"use --seconds {shortest:g} or more (the published recipe "
+                                                      "uses 15 s)")
     pipe = load_pipeline(cfg)
     _check_reference(req, pipe.layers, pipe.heads)
     height, width = req.height or cfg.video.height, req.width or cfg.video.width
