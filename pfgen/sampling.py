@@ -5,8 +5,8 @@ re-noises x0 at the next sigma (float32, as the reference does): with fresh nois
 distilled students' sampler), or with the noise the model implies, x_t - (1 - sigma) x0 over sigma = x0 + v
 (`solver: ode`, an Euler step of the flow: x_next = x_t - (sigma - next) v; for models trained by plain flow
 matching, whose x0 is the mean of what the noise allows, so fresh noise would average every sample away). The
-last x0 is the chunk's output; the clean pass at `context_timestep` then writes the chunk's own K/V into the cache for the chunks
-after it.
+last x0 is the chunk's output; the clean pass at `context_timestep` then writes the chunk's own K/V into the
+cache for the chunks after it.
 """
 
 from __future__ import annotations

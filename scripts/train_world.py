@@ -8,8 +8,9 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             clips half of them randomly recoloured (colours beyond the training scenes'), then the same
             with object pixels weighted 20x (without it the objects came back as grey-blue smudges that
             the scorer found in 0 % of frames), then the decoder alone on unrecoloured clips, still weighted
-            (the encoder frozen: the latent space is fixed from here); loss L1 + MSE + a small KL. Its convolutions are frame-wise (the taps on earlier frames are zero; only the
-            temporal resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
+            (the encoder frozen: the latent space is fixed from here); loss L1 + MSE + a small KL.
+            Its convolutions are frame-wise (the taps on earlier frames are zero; only the temporal
+            resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
             with full causal kernels, trained on short clips, breaks down past the clip length it was trained
             on. The latent statistics are measured afterwards and stored in the VAE config (latents_mean /
             latents_std), as the real Wan VAE does.
@@ -212,7 +213,8 @@ def vae_heldout(vae, run: Run, clips: int = 8, frames: int = 33) -> dict:
         scores.append(psnr(y, x))
         pixels = ((y[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         present.append(score_frames(pixels, parse(prompt)).present.mean())
-    return {"heldout_psnr_db": round(float(np.mean(scores)), 2), "heldout_objects_found": round(float(np.mean(present)), 3)}
+    return {"heldout_psnr_db": round(float(np.mean(scores)), 2),
+            "heldout_objects_found": round(float(np.mean(present)), 3)}
 
 
 def vae_phase_starts(run: Run) -> tuple[int, int, int]:

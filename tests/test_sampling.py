@@ -53,7 +53,11 @@ def test_renoise_solver_draws_fresh_noise_each_step():
     oracle = x.double()
     for i, (t, sigma) in enumerate(zip(schedule.timesteps, schedule.sigmas)):
         x0 = oracle - sigma * (torch.sin(oracle) * (t / 1000) + 0.1)
-        oracle = x0 if i + 1 == len(schedule.sigmas) else (1 - schedule.sigmas[i + 1]) * x0 + schedule.sigmas[i + 1] * draws[i]
+        if i + 1 == len(schedule.sigmas):
+            oracle = x0
+        else:
+            nxt = schedule.sigmas[i + 1]
+            oracle = (1 - nxt) * x0 + nxt * draws[i]
     assert len(draws) == len(schedule.sigmas) - 1
     torch.testing.assert_close(out.double(), oracle, atol=1e-5, rtol=0)
 
