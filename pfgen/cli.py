@@ -112,8 +112,9 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     from pfgen.hub import OPTIONS, check_source, is_reference
     from pfgen.wan.lora import parse_lora_option
 
-    for key in ("checkpoint", "wan_dir", "decoder_weights"):  # as typed (`org/` is no path to normalise)
-        check_source(model.get(key), OPTIONS.get(key, "--decoder-weights"))
+    for key in ("checkpoint", "wan_dir"):  # as typed (`org/` is no path to normalise)
+        check_source(model.get(key), OPTIONS[key])
+    typed_weights = model.get("decoder_weights")  # checked below, after the config's rules, as typed
     cfg = load_config(config)
     paths = ("checkpoint", "wan_dir", "decoder_weights")
     model = {k: (str(Path(v).expanduser()) if k in paths and v and not is_reference(v) else v)
@@ -128,7 +129,9 @@ def _load_config(config, policy=None, backend=None, device=None, dtype=None, thr
     given = len(lora or ())
     for i, item in enumerate(cfg.model.loras):
         check_source(item.path, "--lora" if i >= len(cfg.model.loras) - given else "model.loras")
-    if model.get("decoder_weights") is None:  # the config file's own
+    if typed_weights is not None:  # (weights without --decoder tae are refused by the config's rules, first)
+        check_source(typed_weights, "--decoder-weights")
+    else:
         check_source(cfg.model.decoder_weights, "model.decoder_weights")
     return cfg
 
