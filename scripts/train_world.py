@@ -24,7 +24,12 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             lightly re-noised (the model learns to live with its own imperfect history), and both copies
             share temporal RoPE positions, exactly as cached frames are read at inference. (No weighting
             by content here: a weight that depends on the target biases the learnt mean. Tried with objects
-            at 8x, the first chunk became object colours smeared over the whole frame.)
+            at 8x, the first chunk became object colours smeared over the whole frame.) After the prompt
+            phase every second step is a first-chunk step. Last, the window phase: 9-latent-frame windows
+            at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
+            on whole clips the model still lost the objects, from the first chunk and from clean history
+            alike). dit_probe logs how often the objects come out of pure noise, with and without history,
+            every 1000 steps and at the end.
 The result is a diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that loads through the
 ordinary real-weights path (`--checkpoint DIR/transformer --wan-dir DIR`). A log of losses and evaluation
 figures goes to --out/log.jsonl.
@@ -54,7 +59,14 @@ from pfgen.world.model import HEIGHT, WIDTH, WORLD_TEXT, WORLD_TRANSFORMER, WORL
 FRAMES_PER_CHUNK = 3
 CLIP_LATENTS = 27  # 9 chunks: longer than the 21-frame window, so training sees the rolling cache evict
 CHECKPOINT_SECONDS = 300
-TARGET_CHUNKS = 3  # noisy chunks per clip and step (each costs a chunk of tokens)
+TARGET_CHUNKS = 5  # noisy chunks per clip and step on whole clips (each costs a chunk of tokens)
+WINDOW = 9  # latent frames (3 chunks) of the window phase's samples: ~1/3 of a whole clip's tokens
+WINDOW_BATCH = 4
+# After the prompt phase, every FIRST_CHUNK_EVERY-th step trains the first chunk alone (batch 16): that chunk is
+# where objects must appear from pure noise, and a first-chunk sample costs ~1/12 of a sample with history.
+FIRST_CHUNK_EVERY = 2
+SIGMA_SHIFT = 3.0  # the warp of sample_sigmas' uniform half
+PROBE_EVERY = 1000  # DiT steps between dit_probe's figures in the log
 OBJECT_WEIGHT = 20.0  # loss weight of object pixels in the VAE's object phase (objects are ~3 % of pixels)
 
 
@@ -73,6 +85,8 @@ class Run:
         self.text_batch = 2 if args.smoke else 16
         self.dit_steps = 6 if args.smoke else args.dit_steps
         self.dit_batch = 2 if args.smoke else args.dit_batch
+        self.window_steps = 4 if args.smoke else args.window_steps
+        self.window_batch = 2 if args.smoke else WINDOW_BATCH
         self.log_path = self.out / "log.jsonl"
 
     def log(self, **row) -> None:
@@ -401,24 +415,30 @@ def encode_text(text, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def sample_sigmas(rng, batch: int, chunks: int) -> np.ndarray:
-    """Per-chunk noise levels: half uniform, half logit-normal around the middle (diffusion forcing)."""
-    uniform = rng.uniform(0.0, 1.0, (batch, chunks))
+    """Per-chunk noise levels (diffusion forcing): half logit-normal around the middle, half uniform warped by
+    SIGMA_SHIFT towards high noise, where the picture must come from the history or the prompt (at sigma 0.6
+    the model recovers objects it can see; from pure noise it lost them, measured)."""
+    u = rng.uniform(0.0, 1.0, (batch, chunks))
+    high = SIGMA_SHIFT * u / (1 + (SIGMA_SHIFT - 1) * u)
     logit = 1 / (1 + np.exp(-rng.normal(0.0, 1.0, (batch, chunks))))
-    return np.where(rng.random((batch, chunks)) < 0.5, uniform, logit).clip(1e-3, 1.0)
+    return np.where(rng.random((batch, chunks)) < 0.5, high, logit).clip(1e-3, 1.0)
 
 
-def dit_loss(transformer, text, tokenizer, latents, prompts, rng) -> torch.Tensor:
+def dit_loss(transformer, text, tokenizer, latents, prompts, rng, window: int | None = None) -> torch.Tensor:
     """Flow-matching loss on TARGET_CHUNKS chunks of each clip (the first and random others), given the clean
-    clip as history."""
+    clip as history; with `window`, on every chunk of a random chunk-aligned window of that many latent frames."""
+    if window is not None:
+        start = FRAMES_PER_CHUNK * int(rng.integers(0, (latents.shape[2] - window) // FRAMES_PER_CHUNK + 1))
+        latents = latents[:, :, start:start + window]
     batch, _, frames, h, w = latents.shape
     # The first chunk is always a target: it is the only one with no history, so the only one whose loss
     # needs the prompt (later chunks can copy the scene from their context). Without it, 900 steps left the
     # prediction for the first chunk the same for every prompt (the mean picture of all scenes).
-    later = rng.choice(np.arange(1, frames // FRAMES_PER_CHUNK), size=TARGET_CHUNKS - 1, replace=False)
-    chunks = np.concatenate([[0], later])
+    count = frames // FRAMES_PER_CHUNK if window is not None else min(TARGET_CHUNKS, frames // FRAMES_PER_CHUNK)
+    chunks = np.concatenate([[0], rng.choice(np.arange(1, frames // FRAMES_PER_CHUNK), size=count - 1, replace=False)])
     targets = torch.from_numpy(np.sort(chunks)[:, None] * FRAMES_PER_CHUNK + np.arange(FRAMES_PER_CHUNK)).flatten()
     x0 = latents[:, :, targets]
-    sigma = torch.from_numpy(sample_sigmas(rng, batch, TARGET_CHUNKS)).float()
+    sigma = torch.from_numpy(sample_sigmas(rng, batch, count)).float()
     sigma_frames = sigma.repeat_interleave(FRAMES_PER_CHUNK, dim=1)[:, None, :, None, None]
     noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
     noisy = (1 - sigma_frames) * x0 + sigma_frames * noise
@@ -452,6 +472,64 @@ def first_chunk_loss(transformer, text, tokenizer, latents, prompts, rng) -> tor
     return F.mse_loss(pred, noise - x0)
 
 
+@torch.no_grad()
+def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int = 6, steps: int = 8) -> dict:
+    """Does the DiT make objects? On fresh one-object clips of the training split (unseen seeds, 9 latent
+    frames), two 8-step Euler ODEs from pure noise: chunk 2 given the clean chunks 0-1 ('continued': the motion
+    must come from the history) and chunk 0 alone ('first': it must come from the prompt). Each is the share of
+    its decoded frames in which the world scorer finds the object, next to the VAE round trip's share on the
+    same frames (the ceiling)."""
+    was_training = transformer.training
+    transformer.eval(), text.eval()  # the umT5 encoder has dropout
+    rng, latents, prompts = run.rng(4, 0), [], []
+    while len(prompts) < (2 if run.smoke else clips):
+        clip, prompt, _ = world_clip(rng, 33)
+        if " and " not in prompt:
+            latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
+            prompts.append(prompt)
+    x0 = (torch.stack(latents) - mean) / std
+    batch, _, frames, h, w = x0.shape
+    tokens, embeds, sigmas = (h // 2) * (w // 2), encode_text(text, tokenizer, prompts), np.linspace(1, 0, steps + 1)
+
+    def sample(history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        MaskedSelfAttention.mask = rolling_mask(history.shape[2], targets, tokens) if history.shape[2] else None
+        TargetRoPE.targets = targets
+        x = torch.from_numpy(rng.standard_normal((batch, x0.shape[1], FRAMES_PER_CHUNK, h, w)).astype(np.float32))
+        for a, b in zip(sigmas[:-1], sigmas[1:]):
+            t = torch.cat([torch.zeros(batch, history.shape[2] * tokens),
+                           torch.full((batch, x.shape[2] * tokens), a * 1000.0)], 1)
+            v = transformer(torch.cat([history, x], 2), timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+            x = x - float(a - b) * v[:, :, history.shape[2]:]
+        return x
+
+    def found(z: torch.Tensor, first: int) -> float:
+        video = vae.decode(z * std + mean).sample.clamp(-1, 1)
+        pixels = ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()[:, first:]
+        return float(np.mean([score_frames(p, parse(q)).present.mean() for p, q in zip(pixels, prompts)]))
+
+    last = torch.arange(frames - FRAMES_PER_CHUNK, frames)
+    continued = torch.cat([x0[:, :, :frames - FRAMES_PER_CHUNK], sample(x0, last)], 2)
+    first = sample(x0[:, :, :0], torch.zeros(0, dtype=torch.long))
+    last_video = 1 + 4 * (frames - FRAMES_PER_CHUNK - 1)  # the first video frame of the last chunk
+    result = {"probe_round_trip": round(found(x0, last_video), 3),
+              "probe_continued": round(found(continued, last_video), 3),
+              "probe_first_round_trip": round(found(x0[:, :, :FRAMES_PER_CHUNK], 0), 3),
+              "probe_first": round(found(first, 0), 3)}
+    transformer.train(was_training), text.train(was_training)
+    return result
+
+
+def dit_lr(run: Run, step: int) -> float:
+    """Warm-up and cosine from 1e-3 over the prompt and history phases; the window phase restarts at 5e-4 and
+    decays to 5e-5."""
+    window_from = run.text_steps + run.dit_steps
+    if step >= window_from:
+        done = (step - window_from) / max(1, run.window_steps)
+        return 5e-5 + 0.5 * (5e-4 - 5e-5) * (1 + math.cos(math.pi * done))
+    warm = min(1.0, (step + 1) / 50)
+    return 1e-3 * warm * (0.5 * (1 + math.cos(math.pi * step / window_from)) * 0.95 + 0.05)
+
+
 def init_text_path(transformer) -> None:
     """Normal(0, 1/fan_in) weights and zero biases on the text's way in (text projection, cross-attention):
     with PyTorch's default initialisation each of these layers roughly halves the signal, and the prompt's
@@ -465,7 +543,8 @@ def init_text_path(transformer) -> None:
             layer.bias.zero_()
 
 
-def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
+def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
+    """`probe(transformer, text, tokenizer)` -> figures for the log, every PROBE_EVERY steps and at the end (EMA)."""
     from transformers import ByT5Tokenizer
 
     torch.manual_seed(run.seed + 1)
@@ -476,8 +555,10 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
     transformer.rope = TargetRoPE(transformer.rope)
     tokenizer = ByT5Tokenizer()
     params = list(transformer.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    ema = [p.detach().clone() for p in params]
+    def optimiser():
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+
+    opt, ema = optimiser(), [p.detach().clone() for p in params]
     step, ckpt, last = 0, run.out / "ckpt-dit.pt", time.time()
     if ckpt.exists():
         state = torch.load(ckpt)
@@ -485,27 +566,36 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
         opt.load_state_dict(state["opt"])
         ema, step = state["ema"], state["step"]
     transformer.train(), text.train()
-    total = run.text_steps + run.dit_steps
-    while step < total:
-        warm = min(1.0, (step + 1) / 50)
+    window_from = run.text_steps + run.dit_steps
+    while step < window_from + run.window_steps:
+        windowed = step >= window_from
+        if step == window_from:  # the window phase starts afresh: optimiser and EMA
+            opt, ema = optimiser(), [p.detach().clone() for p in params]
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * warm * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.95 + 0.05)
+            group["lr"] = dit_lr(run, step)
         rng = run.rng(3, step)
-        first = step < run.text_steps
-        pick = rng.choice(len(pool), size=run.text_batch if first else run.dit_batch, replace=False)
-        loss = (first_chunk_loss if first else dit_loss)(transformer, text, tokenizer, pool[pick],
-                                                         [prompts[i] for i in pick], rng)
+        first = step < run.text_steps or (step - run.text_steps) % FIRST_CHUNK_EVERY == FIRST_CHUNK_EVERY - 1
+        batch = run.text_batch if first else run.window_batch if windowed else run.dit_batch
+        pick = rng.choice(len(pool), size=batch, replace=False)
+        chosen = pool[pick], [prompts[i] for i in pick], rng
+        if first:
+            loss = first_chunk_loss(transformer, text, tokenizer, *chosen)
+        else:
+            loss = dit_loss(transformer, text, tokenizer, *chosen, window=WINDOW if windowed else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
+            age = step - window_from if windowed else step
+            decay = min(0.995 if windowed else 0.999, (1 + age) / (10 + age))
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
         step += 1
         if step % 50 == 0 or run.smoke:
             run.log(stage="dit", step=step, loss=round(loss.item(), 5), lr=round(opt.param_groups[0]["lr"], 6))
+        if step % PROBE_EVERY == 0:
+            run.log(stage="dit", step=step, **probe(transformer, text, tokenizer))
         if time.time() - last > CHECKPOINT_SECONDS:
             save_checkpoint(ckpt, transformer=transformer.state_dict(), text=text.state_dict(),
                             opt=opt.state_dict(), ema=ema, step=step)
@@ -513,6 +603,7 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str]):
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
+    run.log(stage="dit", step=step, ema=True, **probe(transformer, text, tokenizer))
     return transformer.eval(), text.eval(), tokenizer
 
 
@@ -554,8 +645,10 @@ def main(argv=None) -> None:
                         help="VAE steps on the decoder alone (encoder frozen), after --object-steps")
     parser.add_argument("--pool", type=int, default=600, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
-    parser.add_argument("--dit-steps", type=int, default=2400)
+    parser.add_argument("--dit-steps", type=int, default=5400, help="DiT steps on whole clips, after --text-steps")
     parser.add_argument("--dit-batch", type=int, default=2)
+    parser.add_argument("--window-steps", type=int, default=7000,
+                        help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -566,8 +659,9 @@ def main(argv=None) -> None:
     raw, prompts = encode_pool(vae, run)
     mean, std = latent_statistics(raw)
     view = (1, -1, 1, 1, 1)
-    pool = (raw - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
-    transformer, text, tokenizer = train_dit(run, pool, prompts)
+    stats = [torch.tensor(x).view(view) for x in (mean, std)]
+    pool = (raw - stats[0]) / stats[1]
+    transformer, text, tokenizer = train_dit(run, pool, prompts, lambda *model: dit_probe(*model, vae, *stats, run))
     folder = export(run, vae, transformer, text, tokenizer, mean, std)
     run.log(stage="done", folder=str(folder), minutes=round((time.time() - started) / 60, 1))
 

@@ -126,7 +126,8 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
     import train_world
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
-                                 decoder_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1)
+                                 decoder_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
+                                 window_steps=1)
     at_freeze = {}
 
     def freeze(vae):
