@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pfgen.config import RollingConfig
+from pfgen.frames import video_frames_for
 from pfgen.rope import apply_rope, complex_table
 from pfgen.world.grammar import parse, sample_scene
 from pfgen.world.render import WorldVideo
@@ -328,7 +329,7 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
     if path.exists():
         data = torch.load(path)
         return data["latents"], data["prompts"]
-    frames = 1 + 4 * (run.clip_latents - 1)
+    frames = video_frames_for(run.clip_latents)
     latents, prompts = [], []
     for i in range(run.pool):
         clip, prompt, _ = world_clip(run.rng(2, i), frames)
@@ -395,6 +396,12 @@ def rolling_mask(frames: int, targets: torch.Tensor, tokens: int) -> torch.Tenso
     return frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
 
 
+def tokens_per_frame(h: int, w: int) -> int:
+    """The DiT's tokens per latent frame of h x w latents (its patch is 1 x 2 x 2)."""
+    _, ph, pw = WORLD_TRANSFORMER["patch_size"]
+    return (h // ph) * (w // pw)
+
+
 def build_dit():
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -445,7 +452,7 @@ def dit_loss(transformer, text, tokenizer, latents, prompts, rng, window: int | 
     context_sigma = torch.from_numpy(rng.uniform(0.0, 0.08, (batch, 1, 1, 1, 1)).astype(np.float32))
     context_noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
     context = (1 - context_sigma) * latents + context_sigma * context_noise
-    tokens = (h // 2) * (w // 2)
+    tokens = tokens_per_frame(h, w)
     t_noisy = sigma.repeat_interleave(FRAMES_PER_CHUNK * tokens, dim=1) * 1000.0
     timestep = torch.cat([torch.zeros(batch, frames * tokens), t_noisy], dim=1)
     MaskedSelfAttention.mask = rolling_mask(frames, targets, tokens)
@@ -466,7 +473,7 @@ def first_chunk_loss(transformer, text, tokenizer, latents, prompts, rng) -> tor
     noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
     noisy = (1 - sigma.view(batch, 1, 1, 1, 1)) * x0 + sigma.view(batch, 1, 1, 1, 1) * noise
     MaskedSelfAttention.mask, TargetRoPE.targets = None, torch.zeros(0, dtype=torch.long)
-    timestep = (sigma * 1000.0).repeat_interleave(FRAMES_PER_CHUNK * (h // 2) * (w // 2), dim=1)
+    timestep = (sigma * 1000.0).repeat_interleave(FRAMES_PER_CHUNK * tokens_per_frame(h, w), dim=1)
     pred = transformer(noisy, timestep=timestep, encoder_hidden_states=encode_text(text, tokenizer, prompts),
                        return_dict=False)[0]
     return F.mse_loss(pred, noise - x0)
@@ -483,13 +490,13 @@ def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int
     transformer.eval(), text.eval()  # the umT5 encoder has dropout
     rng, latents, prompts = run.rng(4, 0), [], []
     while len(prompts) < (2 if run.smoke else clips):
-        clip, prompt, _ = world_clip(rng, 33)
+        clip, prompt, _ = world_clip(rng, video_frames_for(WINDOW))
         if " and " not in prompt:
             latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
             prompts.append(prompt)
     x0 = (torch.stack(latents) - mean) / std
     batch, _, frames, h, w = x0.shape
-    tokens, embeds, sigmas = (h // 2) * (w // 2), encode_text(text, tokenizer, prompts), np.linspace(1, 0, steps + 1)
+    tokens, embeds, sigmas = tokens_per_frame(h, w), encode_text(text, tokenizer, prompts), np.linspace(1, 0, steps + 1)
 
     def sample(history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         MaskedSelfAttention.mask = rolling_mask(history.shape[2], targets, tokens) if history.shape[2] else None
@@ -510,7 +517,7 @@ def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int
     last = torch.arange(frames - FRAMES_PER_CHUNK, frames)
     continued = torch.cat([x0[:, :, :frames - FRAMES_PER_CHUNK], sample(x0, last)], 2)
     first = sample(x0[:, :, :0], torch.zeros(0, dtype=torch.long))
-    last_video = 1 + 4 * (frames - FRAMES_PER_CHUNK - 1)  # the first video frame of the last chunk
+    last_video = video_frames_for(frames - FRAMES_PER_CHUNK)  # the first video frame of the last chunk
     result = {"probe_round_trip": round(found(x0, last_video), 3),
               "probe_continued": round(found(continued, last_video), 3),
               "probe_first_round_trip": round(found(x0[:, :, :FRAMES_PER_CHUNK], 0), 3),
@@ -555,6 +562,7 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
     transformer.rope = TargetRoPE(transformer.rope)
     tokenizer = ByT5Tokenizer()
     params = list(transformer.parameters()) + list(text.parameters())
+
     def optimiser():
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
 
