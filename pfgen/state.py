@@ -131,6 +131,47 @@ def save_state(path: str | Path, pipe, story, cache, seed: int | None = None) ->
     return Path(path).stat().st_size
 
 
+READ_ATTEMPTS = 3  # reads of a state that keeps being replaced while it is read, before its error stands
+
+
+def _identity(path: Path) -> tuple | None:
+    """Which file `path` names now (None: none): an atomic replacement changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a state file, every integrity check passed."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise PfgenError(f"state file not found: {path}")
+    bad = PfgenError(f"{path} is corrupt or truncated", "save the state again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["pfgen"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except KeyError:
+        raise PfgenError(f"{path} is not a pfgen state file") from None
+    except Exception:  # safetensors' own error types differ between versions
+        raise bad from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise PfgenError(f"{path} is not a pfgen state file of this version (format {found}, expected {FORMAT})",
+                         "save the state again with this pfgen")
+    if meta.get("header_crc32") != _header_crc(meta) or not _fields_ok(meta):
+        raise bad
+    crcs = meta["crc32"]
+    if set(crcs) != set(tensors) or any(_crc(t) != crcs[k] for k, t in tensors.items()):
+        raise bad
+    if not {"embeds", "rng"} <= set(tensors) or tensors["rng"].dtype != torch.uint8:
+        raise bad  # what every run saves: the prompt embeddings and the noise generator's state
+    return meta, tensors
+
+
 @dataclass
 class RunState:
     """A saved run, read and integrity-checked; `check_*` refuse what it cannot continue, `restore` loads it."""
@@ -141,32 +182,19 @@ class RunState:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunState":
-        from safetensors import safe_open
-
+        """Read and check a state. One replaced while it was read (a run saving it in place, atomically) is read
+        again: safetensors opens the path twice, for the header and for the tensors' storage, so a replacement
+        in between pairs one file's header with the other's tensors, which the CRCs then refuse."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise PfgenError(f"state file not found: {path}")
-        bad = PfgenError(f"{path} is corrupt or truncated", "save the state again")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["pfgen"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except KeyError:
-            raise PfgenError(f"{path} is not a pfgen state file") from None
-        except Exception:  # safetensors' own error types differ between versions
-            raise bad from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise PfgenError(f"{path} is not a pfgen state file of this version (format {found}, expected {FORMAT})",
-                             "save the state again with this pfgen")
-        if meta.get("header_crc32") != _header_crc(meta) or not _fields_ok(meta):
-            raise bad
-        crcs = meta["crc32"]
-        if set(crcs) != set(tensors) or any(_crc(t) != crcs[k] for k, t in tensors.items()):
-            raise bad
-        if not {"embeds", "rng"} <= set(tensors) or tensors["rng"].dtype != torch.uint8:
-            raise bad  # what every run saves: the prompt embeddings and the noise generator's state
-        return cls(path, meta, tensors)
+        attempts = READ_ATTEMPTS
+        while True:
+            seen = _identity(path)
+            try:
+                return cls(path, *_read(path))
+            except PfgenError:
+                attempts -= 1
+                if attempts == 0 or _identity(path) == seen:
+                    raise
 
     @property
     def position(self) -> int:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from clirun import run_cli
+from pfgen.errors import PfgenError
 from pfgen.state import RunState
 from pfgen.video import decoded_frames, read_metadata
 from test_reliability import child_env, leftovers, mount, one_line_error  # noqa: F401 - mount is a fixture
@@ -90,6 +93,44 @@ def test_sigterm_on_a_resume_saving_in_place_keeps_the_video_up_to_the_state(sta
     made = comment(tmp_path / "ip.mp4")
     assert made["resumed_from"] == {"state": "ip.state", "latent_frame": before} and made["seed"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ip.mp4", "ip.state"]  # no temp file, no lock
+
+
+def test_a_state_replaced_while_it_is_read_is_read_again(state, tmp_path, monkeypatch):
+    """The poll above once read "corrupt or truncated" from a run saving in place. safetensors opens the path twice
+    (the header, then the tensors' storage through torch); planted here: the run's atomic replacement lands in
+    between. The reader now gets the newer state whole, and a file that is really corrupt is still refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pfgen.state import _crc, _header_crc
+
+    newer = tmp_path / "newer.state"  # a valid later state: other embeddings and position, every CRC its own
+    tensors = load_file(str(state))
+    with safe_open(str(state), framework="pt") as f:
+        meta = json.loads(f.metadata()["pfgen"])
+    tensors["embeds"] = tensors["embeds"] + 1
+    meta["position"] += 3
+    meta["crc32"]["embeds"] = _crc(tensors["embeds"])
+    meta["header_crc32"] = _header_crc(meta)
+    save_file(tensors, str(newer), metadata={"pfgen": json.dumps(meta)})
+    shutil.copy(state, tmp_path / "ip.state")
+    opened = torch.UntypedStorage.from_file
+    replaced = []
+
+    def saved_meanwhile(*args, **kw):  # the tensors' open of the path: the run's os.replace happens just before
+        if not replaced:
+            replaced.append(os.replace(newer, tmp_path / "ip.state"))
+        return opened(*args, **kw)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", saved_meanwhile)
+    read = RunState.load(tmp_path / "ip.state")
+    assert replaced and read.position == meta["position"] and torch.equal(read.tensors["embeds"], tensors["embeds"])
+    monkeypatch.undo()
+    flipped = bytearray((tmp_path / "ip.state").read_bytes())
+    flipped[-1000] ^= 0xFF
+    (tmp_path / "ip.state").write_bytes(bytes(flipped))
+    with pytest.raises(PfgenError, match="corrupt or truncated"):
+        RunState.load(tmp_path / "ip.state")
 
 
 def test_sighup_after_a_saved_state_keeps_the_frames_folder_up_to_it(tmp_path):
