@@ -344,20 +344,40 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
 
 # ---- stage 3: DiT + text encoder ----------------------------------------------------------------------------
 
+def heads(attn, queries: torch.Tensor, keys: torch.Tensor):
+    """q, k, v of a WanAttention, normalised, as (B, L, heads, head_dim)."""
+    q = attn.norm_q(attn.to_q(queries)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(keys)).unflatten(2, (attn.heads, -1))
+    return q, k, attn.to_v(keys).unflatten(2, (attn.heads, -1))
+
+
+def attend(attn, q, k, v, mask) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return attn.to_out[0](out.transpose(1, 2).flatten(2))
+
+
 class MaskedSelfAttention:
     """attn1 with RoPE and a boolean attention mask shared by all layers (set per batch shape)."""
 
     mask: torch.Tensor | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = heads(attn, hidden_states, hidden_states)
         table = complex_table(*rotary_emb)  # pfgen's own rotation of diffusers' (cos, sin)
-        q, k = apply_rope(q, table), apply_rope(k, table)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=MaskedSelfAttention.mask)
-        return attn.to_out[0](out.transpose(1, 2).flatten(2))
+        return attend(attn, apply_rope(q, table), apply_rope(k, table), v, MaskedSelfAttention.mask)
+
+
+class PaddedCrossAttention:
+    """attn2 over the prompts' tokens and one zero token that stands for the rest of pfgen's padding to
+    TEXT_TOKENS. The padding tokens are all zero vectors, so their keys and values are all equal, and attending
+    to n equal keys is attending to one whose logit is raised by log(n): the function pfgen runs with 512
+    tokens, without projecting ~480 padding tokens to keys and values in every layer of every step."""
+
+    bias: torch.Tensor | None = None  # (1, L + 1) logit offsets of the keys, set by encode_text
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = heads(attn, hidden_states, encoder_hidden_states)
+        return attend(attn, q, k, v, PaddedCrossAttention.bias.to(q.dtype))
 
 
 class TargetRoPE(torch.nn.Module):
@@ -375,6 +395,15 @@ class TargetRoPE(torch.nn.Module):
         tokens = cos.shape[1] // frames
         rows = (self.targets[:, None] * tokens + torch.arange(tokens)).flatten()
         return torch.cat([cos, cos[:, rows]], dim=1), torch.cat([sin, sin[:, rows]], dim=1)
+
+
+def training_attention(transformer) -> None:
+    """The training forward: attn1 under MaskedSelfAttention's mask with TargetRoPE's positions, attn2 over
+    encode_text's short prompt embedding (PaddedCrossAttention)."""
+    for block in transformer.blocks:
+        block.attn1.set_processor(MaskedSelfAttention())
+        block.attn2.set_processor(PaddedCrossAttention())
+    transformer.rope = TargetRoPE(transformer.rope)
 
 
 def rolling_mask(frames: int, targets: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -412,13 +441,17 @@ def build_dit():
 
 
 def encode_text(text, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(B, 512, d) like pfgen's PromptEncoder, but the encoder runs only over the longest prompt."""
+    """(B, L + 1, d): pfgen's PromptEncoder output up to the longest prompt's L tokens, then one zero token for
+    its remaining TEXT_TOKENS - L zero tokens (PaddedCrossAttention, whose bias this sets, counts it so)."""
     from pfgen.wan.text import TEXT_TOKENS
 
     ids = tokenizer(prompts, padding="longest", add_special_tokens=True, return_tensors="pt")
     out = text(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
     out = out * ids.attention_mask[..., None]
-    return F.pad(out, (0, 0, 0, TEXT_TOKENS - out.shape[1]))
+    length = out.shape[1]
+    PaddedCrossAttention.bias = F.pad(torch.zeros(1, length, dtype=torch.float64), (0, 1),
+                                      value=math.log(TEXT_TOKENS - length))
+    return F.pad(out, (0, 0, 0, 1))
 
 
 def sample_sigmas(rng, batch: int, chunks: int) -> np.ndarray:
@@ -557,9 +590,7 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
     torch.manual_seed(run.seed + 1)
     transformer, text = build_dit()
     init_text_path(transformer)
-    for block in transformer.blocks:
-        block.attn1.set_processor(MaskedSelfAttention())
-    transformer.rope = TargetRoPE(transformer.rope)
+    training_attention(transformer)
     tokenizer = ByT5Tokenizer()
     params = list(transformer.parameters()) + list(text.parameters())
 

@@ -143,3 +143,38 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
     assert encoder and all(torch.equal(final[k], at_freeze[k]) for k in encoder)
     assert any(not torch.equal(final[k], at_freeze[k]) for k in decoder)
 
+
+
+def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
+    """Training attends to the prompts' tokens plus one zero token standing for the rest of the padding
+    (train_world.PaddedCrossAttention); pfgen runs diffusers' own cross-attention over all 512 tokens. Same
+    model otherwise, float64: the same prediction, for prompts of different lengths in one batch."""
+    import copy
+
+    import torch
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from transformers import ByT5Tokenizer
+
+    sys.path.insert(0, str(SCRIPTS))
+    import train_world
+    from pfgen.wan.text import TEXT_TOKENS
+
+    torch.manual_seed(0)
+    trained, text = train_world.build_dit()
+    train_world.training_attention(trained)
+    plain = copy.deepcopy(trained)
+    for block in plain.blocks:
+        block.attn2.set_processor(WanAttnProcessor())
+    for model in (trained, plain, text):
+        model.double().eval()
+    train_world.MaskedSelfAttention.mask, train_world.TargetRoPE.targets = None, torch.zeros(0, dtype=torch.long)
+    prompts = ["a red ball circling on a navy background",
+               "a white triangle bouncing and a cyan square sliding left on a striped gray background"]
+    with torch.no_grad():
+        short = train_world.encode_text(text, ByT5Tokenizer(), prompts)
+        padded = torch.nn.functional.pad(short[:, :-1], (0, 0, 0, TEXT_TOKENS - short.shape[1] + 1))
+        x, t = torch.randn(2, 16, 3, 4, 6, dtype=torch.float64), torch.tensor([300.0, 800.0], dtype=torch.float64)
+        ours = trained(x, timestep=t, encoder_hidden_states=short, return_dict=False)[0]
+        theirs = plain(x, timestep=t, encoder_hidden_states=padded, return_dict=False)[0]
+    assert short.shape[1] < 100 and theirs.abs().mean() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
