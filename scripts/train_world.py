@@ -29,7 +29,9 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
             on whole clips the model still lost the objects, from the first chunk and from clean history
             alike). dit_probe logs how often the objects come out of pure noise, with and without history,
-            every 1000 steps and at the end.
+            every 1000 steps and at the end. The cross-attention runs over the prompts' tokens and one zero
+            token that stands for pfgen's padding to 512 (PaddedCrossAttention: the same function, 1.6x faster
+            steps).
 The result is a diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that loads through the
 ordinary real-weights path (`--checkpoint DIR/transformer --wan-dir DIR`). A log of losses and evaluation
 figures goes to --out/log.jsonl.
