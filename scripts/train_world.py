@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from pfgen.config import RollingConfig
 from pfgen.frames import video_frames_for
 from pfgen.rope import apply_rope, complex_table
+from pfgen.video import to_uint8_frames
 from pfgen.world.grammar import parse, sample_scene
 from pfgen.world.render import WorldVideo
 from pfgen.world.score import score_frames
@@ -230,8 +231,7 @@ def vae_heldout(vae, run: Run, clips: int = 8, frames: int = 33) -> dict:
         x = torch.from_numpy(clip)[None]
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample
         scores.append(psnr(y, x))
-        pixels = ((y[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        present.append(score_frames(pixels, parse(prompt)).present.mean())
+        present.append(score_frames(to_uint8_frames(y[0]), parse(prompt)).present.mean())
     return {"heldout_psnr_db": round(float(np.mean(scores)), 2),
             "heldout_objects_found": round(float(np.mean(present)), 3)}
 
@@ -547,9 +547,9 @@ def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int
         return x
 
     def found(z: torch.Tensor, first: int) -> float:
-        video = vae.decode(z * std + mean).sample.clamp(-1, 1)
-        pixels = ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()[:, first:]
-        return float(np.mean([score_frames(p, parse(q)).present.mean() for p, q in zip(pixels, prompts)]))
+        video = vae.decode(z * std + mean).sample
+        return float(np.mean([score_frames(to_uint8_frames(v)[first:], parse(q)).present.mean()
+                              for v, q in zip(video, prompts)]))
 
     last = torch.arange(frames - FRAMES_PER_CHUNK, frames)
     continued = torch.cat([x0[:, :, :frames - FRAMES_PER_CHUNK], sample(x0, last)], 2)

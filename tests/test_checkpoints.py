@@ -99,20 +99,16 @@ def test_a_state_replaced_while_it_is_read_is_read_again(state, tmp_path, monkey
     """The poll above once read "corrupt or truncated" from a run saving in place. safetensors opens the path twice
     (the header, then the tensors' storage through torch); planted here: the run's atomic replacement lands in
     between. The reader now gets the newer state whole, and a file that is really corrupt is still refused."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from pfgen.state import _crc
+    from test_story import _rewrite
 
-    from pfgen.state import _crc, _header_crc
+    def later(tensors, meta):  # a valid later state: other embeddings and position, every CRC its own
+        tensors["embeds"] += 1
+        meta["position"] += 3
+        meta["crc32"]["embeds"] = _crc(tensors["embeds"])
 
-    newer = tmp_path / "newer.state"  # a valid later state: other embeddings and position, every CRC its own
-    tensors = load_file(str(state))
-    with safe_open(str(state), framework="pt") as f:
-        meta = json.loads(f.metadata()["pfgen"])
-    tensors["embeds"] = tensors["embeds"] + 1
-    meta["position"] += 3
-    meta["crc32"]["embeds"] = _crc(tensors["embeds"])
-    meta["header_crc32"] = _header_crc(meta)
-    save_file(tensors, str(newer), metadata={"pfgen": json.dumps(meta)})
+    saved, newer = RunState.load(state), tmp_path / "newer.state"
+    _rewrite(state, newer, later)
     shutil.copy(state, tmp_path / "ip.state")
     opened = torch.UntypedStorage.from_file
     replaced = []
@@ -124,7 +120,8 @@ def test_a_state_replaced_while_it_is_read_is_read_again(state, tmp_path, monkey
 
     monkeypatch.setattr(torch.UntypedStorage, "from_file", saved_meanwhile)
     read = RunState.load(tmp_path / "ip.state")
-    assert replaced and read.position == meta["position"] and torch.equal(read.tensors["embeds"], tensors["embeds"])
+    assert replaced and read.position == saved.position + 3
+    assert torch.equal(read.tensors["embeds"], saved.tensors["embeds"] + 1)
     monkeypatch.undo()
     flipped = bytearray((tmp_path / "ip.state").read_bytes())
     flipped[-1000] ^= 0xFF
