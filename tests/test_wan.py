@@ -104,6 +104,31 @@ def test_streaming_vae_decode_equals_one_shot():
     torch.testing.assert_close(streamed, one_shot, atol=1e-5, rtol=1e-5)
 
 
+def test_framewise_vae_convolutions_load_narrowed_and_compute_the_same(tmp_path):
+    """A causal convolution with zero taps on earlier frames loads as a per-frame one (kernel 1 in time);
+    encode and decode, streamed with the VAE's frame cache, equal the unchanged model's in float64."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from pfgen.wan.wan_dir import load_vae
+
+    vae = tiny_vae().double()
+    convs = [m for m in vae.modules() if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and m.stride[0] == 1]
+    with torch.no_grad():
+        for conv in convs[::2]:  # half of them frame-wise, the rest keep their temporal taps
+            conv.weight[:, :, :-1] = 0
+    vae.save_pretrained(tmp_path / "vae")
+    narrowed = load_vae(str(tmp_path), torch.float64)
+    kernels = [m.kernel_size[0] for m in narrowed.modules() if isinstance(m, WanCausalConv3d)]
+    assert kernels.count(1) - [m.kernel_size[0] for m in vae.modules()
+                               if isinstance(m, WanCausalConv3d)].count(1) == len(convs[::2])
+    x = torch.rand(1, 3, 9, 32, 48, dtype=torch.float64) * 2 - 1
+    z = torch.randn(1, 16, 4, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(narrowed.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode(),
+                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(narrowed.decode(z).sample, vae.decode(z).sample, atol=1e-10, rtol=1e-10)
+
+
 def test_rope_frame_offset_equals_slice_of_longer_video():
     head_dim, offset, frames, h, w = 128, 5, 3, 4, 6
     long = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)(torch.zeros(1, 16, offset + frames, 2 * h, 2 * w))
