@@ -25,7 +25,8 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             share temporal RoPE positions, exactly as cached frames are read at inference. (No weighting
             by content here: a weight that depends on the target biases the learnt mean. Tried with objects
             at 8x, the first chunk became object colours smeared over the whole frame.) After the prompt
-            phase three steps in four are first-chunk steps. Last, the window phase: 9-latent-frame windows
+            phase three steps in four are first-chunk steps. Whole clips (--dit-steps) are off by default:
+            the shipped run went from the prompt phase to windows. Last, the window phase: 9-latent-frame windows
             at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
             on whole clips the model still lost the objects, from the first chunk and from clean history
             alike). dit_probe logs how often the objects come out of pure noise, with and without history,
@@ -686,11 +687,12 @@ def main(argv=None) -> None:
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
     parser.add_argument("--decoder-steps", type=int, default=1000,
                         help="VAE steps on the decoder alone (encoder frozen), after --object-steps")
-    parser.add_argument("--pool", type=int, default=600, help="training clips encoded for the DiT stage")
+    parser.add_argument("--pool", type=int, default=500, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
-    parser.add_argument("--dit-steps", type=int, default=5400, help="DiT steps on whole clips, after --text-steps")
+    parser.add_argument("--dit-steps", type=int, default=0,
+                        help="DiT steps on whole clips, after --text-steps (the shipped run had none)")
     parser.add_argument("--dit-batch", type=int, default=2)
-    parser.add_argument("--window-steps", type=int, default=7000,
+    parser.add_argument("--window-steps", type=int, default=8400,
                         help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -1,13 +1,10 @@
-"""The world model, pfgen's embedded default (torch-free data): the real Wan classes at toy sizes, 64x96 video.
+"""The world model's architecture (torch-free data): the real Wan classes at toy sizes, 64x96 video.
 
 scripts/train_world.py trains these from scratch on 2 CPU cores and writes a diffusers folder (transformer/,
-vae/, text_encoder/, tokenizer/); the trained one ships in WEIGHTS and loads through the ordinary real-weights
-path (`--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS`). docs/world.md has its training and its figures.
+vae/, text_encoder/, tokenizer/) that loads through the ordinary real-weights path (`--checkpoint
+DIR/transformer --wan-dir DIR`). It is not pfgen's embedded default yet: docs/world.md has its training, its
+figures and what is missing.
 """
-
-from pathlib import Path
-
-WEIGHTS = Path(__file__).with_name("weights")
 
 HEIGHT, WIDTH = 64, 96
 WORLD_TRANSFORMER = dict(
