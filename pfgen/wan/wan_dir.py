@@ -35,7 +35,7 @@ def load_vae(wan_dir: str | None, dtype: torch.dtype):
 def narrow_framewise_convs(vae):
     """Run every causal convolution whose taps on earlier frames are all zero as the per-frame convolution it
     is: kernel 1 in time, no temporal padding, no cached frames. The same function at a third of the work.
-    The embedded world model's VAE is built so (scripts/train_world.py); the Wan2.1 VAE has no such kernel."""
+    The world model's VAE is built so (scripts/train_world.py); the Wan2.1 VAE has no such kernel."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     for conv in vae.modules():
