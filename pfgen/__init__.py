@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def load_pipeline(*args, **kwargs):
-    """Build a `pfgen.pipeline.Pipeline` (no arguments: the embedded tiny model)."""
+    """Build a `pfgen.pipeline.Pipeline` (no arguments: the embedded world model)."""
     from pfgen.pipeline import load_pipeline as _load
 
     return _load(*args, **kwargs)

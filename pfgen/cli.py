@@ -50,7 +50,7 @@ typer.core.TyperArgument._usage_display_name = _plain_usage_name
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long video generation with autoregressive video diffusion and a head-aware KV cache.")
 
-DEFAULT_PROMPT = "a red kite over the sea"
+DEFAULT_PROMPT = "a red ball circling on a navy background"  # a world prompt: the embedded model knows it
 POLICY_HELP = "cache policy: rolling (uniform 21-frame window), full (all history), pyramid (head-aware)"
 
 # Panels of `--help` (generate uses all of them; the shared options below bring theirs to other commands).
@@ -324,9 +324,9 @@ def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_late
     if story["resume"] is not None:
         story["resume"].check_model(pipe, types)
     if cfg.model.checkpoint is None:
-        console.print("[yellow]note:[/] embedded tiny model with random weights: the video is noise-like "
-                      "(for real weights: pfgen download --config self-forcing, then --config self-forcing)",
-                      soft_wrap=True)
+        from pfgen.wan.tiny import NOISE_NOTE
+
+        console.print(NOISE_NOTE, soft_wrap=True)
     files = FrameFiles(*files) if any(f is not None for f in files) else None
     try:
         with chunk_progress(console, cfg.video.fps) as on_chunk:
@@ -356,19 +356,21 @@ def _check_image(cfg, image: Path, batch: bool, resume, height, width) -> None:
 
 def _check_model_options(cfg, *, heads, wan_dir, num_heads, text_encoder_device, policies) -> None:
     """Options that would do nothing: refused when the run cannot be what was asked, else one warning line."""
-    tiny = cfg.model.checkpoint is None
-    if tiny and cfg.model.name != "tiny":
+    from pfgen.world.model import RANDOM, is_embedded
+
+    built_in = cfg.model.checkpoint is None  # the random-weight test model, built in code
+    if built_in and cfg.model.name != RANDOM:
         raise PfgenError(f"config '{cfg.model.name}' needs real weights",
                          "pass --checkpoint and --wan-dir (see README, Real weights), or drop --config for the "
-                         "embedded tiny model")
-    if wan_dir is not None and tiny:
+                         "embedded model")
+    if wan_dir is not None and (built_in or is_embedded(cfg.model)):
         raise PfgenError("--wan-dir needs --checkpoint", "give the student's weights too, or drop --wan-dir")
-    if not tiny and cfg.model.wan_dir is None:
+    if not built_in and cfg.model.wan_dir is None:
         raise PfgenError("--checkpoint needs --wan-dir", "the Wan2.1 folder with text_encoder/, tokenizer/, vae/")
-    if tiny:
+    if built_in:
         for option, value in (("--num-heads", num_heads), ("--text-encoder-device", text_encoder_device)):
             if value is not None:
-                warnings.warn(f"{option} does nothing for the embedded tiny model")
+                warnings.warn(f"{option} does nothing for the random test model")
     pyramid = cfg.cache.policy == "pyramid" or (policies is not None and "pyramid" in policies)
     if heads is not None and not pyramid:
         warnings.warn(f"--heads does nothing under --policy {cfg.cache.policy} (it is for pyramid)")
@@ -576,8 +578,10 @@ def download(
     from pfgen.ui import hub_output
 
     cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir, decoder=decoder)
-    if cfg.model.checkpoint is None and cfg.model.wan_dir is None:
-        raise PfgenError("this config uses the embedded tiny model: nothing to download",
+    from pfgen.world.model import is_embedded
+
+    if cfg.model.checkpoint is None or is_embedded(cfg.model):
+        raise PfgenError("this config uses the embedded model: nothing to download",
                          "give --config self-forcing (or another real-weight config)")
     with hub_output(verbose):
         fetched_all = download_model(cfg.model)

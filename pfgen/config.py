@@ -17,8 +17,10 @@ from pathlib import Path
 import yaml
 
 from pfgen.errors import PfgenError
+from pfgen.world.model import EMBEDDED, WEIGHTS as WORLD_WEIGHTS, is_embedded
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"  # the embedded default: the world model
 POLICIES = ("rolling", "full", "pyramid")
 SOLVERS = ("renoise", "ode")  # how a step goes from x0 to the next noise level (pfgen/sampling.py)
 RECACHE_MODES = ("all", "window")  # what a prompt switch re-encodes (docs/story.md)
@@ -42,7 +44,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"  # written into head-type files and checked against them
-    checkpoint: str | None = None  # Self Forcing / Causal Forcing .pt, or a diffusers folder; None = tiny
+    # Self Forcing / Causal Forcing .pt, or a diffusers folder. None with name `tiny` (the default) is the
+    # embedded world model, None with name `random` the random-weight model the tests build in code.
+    checkpoint: str | None = None
     wan_dir: str | None = None  # Wan2.1 diffusers folder: text_encoder/, tokenizer/, vae/
     # Both also take a Hub reference (org/name[:path/in/repo][@revision]), downloaded at load time (pfgen.hub).
     ema: bool = True  # use `generator_ema` from a .pt checkpoint
@@ -53,6 +57,14 @@ class ModelConfig:
     # (pfgen.hub.decoder_source), or seeded random weights for the embedded tiny model
     loras: tuple[LoraConfig, ...] = ()  # merged into the transformer at load, in order (pfgen.wan.lora)
     lora_required: bool = False  # a LoRA-tuned base (LongLive): refuse to run it without a LoRA
+
+    def __post_init__(self):
+        # The embedded default names the world model's folder in the package here, once, so that it loads (and
+        # is planned, fingerprinted, profiled) through the ordinary real-weights path like any diffusers folder.
+        if self.checkpoint is None and self.name == EMBEDDED:
+            object.__setattr__(self, "checkpoint", str(WORLD_WEIGHTS / "transformer"))
+            if self.wan_dir is None:
+                object.__setattr__(self, "wan_dir", str(WORLD_WEIGHTS))
 
 
 @dataclass(frozen=True)
@@ -157,8 +169,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path | None = None) -> Config:
-    """Load a YAML config strictly; None gives the embedded default (configs/tiny.yaml, the tiny model)."""
-    path = resolve_config_path(name_or_path if name_or_path is not None else CONFIG_DIR / "tiny.yaml")
+    """Load a YAML config strictly; None gives the embedded default (DEFAULT_CONFIG, the world model)."""
+    path = resolve_config_path(name_or_path if name_or_path is not None else DEFAULT_CONFIG)
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -225,6 +237,9 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
             fail(key, f"'{device}' is not a device", "use auto, cpu, cuda or cuda:N")
     if model.decoder not in DECODERS:
         fail("model.decoder", f"'{model.decoder}' is unknown", f"choose from {', '.join(DECODERS)}")
+    if model.decoder == "tae" and is_embedded(model):
+        fail("model.decoder", "tae decodes the Wan VAE's latents, not the embedded world model's",
+             "drop --decoder tae: the world model's own VAE is small")
     if model.decoder_weights is not None and model.decoder != "tae":
         fail("model.decoder_weights", "is for the tae decoder", "add --decoder tae, or leave the weights out")
     if model.text_encoder_device == "auto":  # the text encoder's device is explicit, or the model's

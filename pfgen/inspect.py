@@ -166,16 +166,15 @@ def pyramid_columns(report: dict, frames_per_chunk: int, span: int = PLOT_SPAN) 
 def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: int):
     """(head types, head_dim, latent token grid) to inspect, without loading weights.
 
-    Layers x heads come from the head-type file when there is one, else from the model: the embedded tiny
-    model, or the Wan2.1-1.3B shape (30 x 12 x 128) for real checkpoints.
+    Layers x heads come from the head-type file when there is one, else from the model's architecture as the
+    memory plan reads it (config or tensor shapes on disk; the Wan2.1-1.3B shape for weights not on disk).
     """
     from pfgen.config import check_video_size
     from pfgen.heads import head_type_rows, head_type_source
-    from pfgen.wan.tiny import TINY_TRANSFORMER
+    from pfgen.memory import architectures
 
-    tiny = cfg.model.checkpoint is None and cfg.model.name == "tiny"
-    layers, n_heads = (TINY_TRANSFORMER["num_layers"], TINY_TRANSFORMER["num_attention_heads"]) if tiny else (30, 12)
-    head_dim = TINY_TRANSFORMER["attention_head_dim"] if tiny else 128
+    arch = architectures(cfg.model)[0]
+    layers, n_heads, head_dim = arch["num_layers"], arch["num_attention_heads"], arch["attention_head_dim"]
     check_video_size(height, width, option_prefix="--")
     grid = (height // 16, width // 16)
     policy = policy or ("pyramid" if heads_file or cfg.cache.heads or cfg.cache.all else cfg.cache.policy)

@@ -73,9 +73,9 @@ def architectures(model_cfg) -> tuple[dict, dict, dict, dict]:
     if model_cfg.checkpoint is None:
         from pfgen.wan.tiny import TINY_TEXT, TINY_TRANSFORMER, TINY_VAE
 
-        return TINY_TRANSFORMER, TINY_TEXT, TINY_VAE, dict(transformer="embedded tiny model",
-                                                           text_encoder="embedded tiny model",
-                                                           vae="embedded tiny model")
+        return TINY_TRANSFORMER, TINY_TEXT, TINY_VAE, dict(transformer="random test model",
+                                                           text_encoder="random test model",
+                                                           vae="random test model")
     transformer, t_src = _transformer_arch(model_cfg)
     text, x_src = _wan_config(model_cfg.wan_dir, "text_encoder", UMT5_XXL, "known umT5-XXL architecture")
     vae, v_src = _wan_config(model_cfg.wan_dir, "vae", WAN_VAE, "known Wan2.1 VAE architecture")

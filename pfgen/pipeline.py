@@ -7,6 +7,7 @@ layer over this.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,8 @@ from pfgen.wan.head_order import grouped_order, set_head_order
 from pfgen.wan.processors import make_causal
 from pfgen.wan.tae import TaeStreamingDecoder
 from pfgen.wan.text import PromptEncoder
+from pfgen.world.grammar import vocabulary_warning
+from pfgen.world.model import is_embedded
 
 
 
@@ -110,6 +113,8 @@ class Pipeline:
         self._cache_key = None
         self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
         self.policy, self.original_head_types = None, None  # of the current cache
+        # The embedded world model knows only its grammar's words: each prompt with others is warned about once.
+        self._seen_prompts = set() if is_embedded(config.model) else None
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -178,6 +183,11 @@ class Pipeline:
     # -- generation -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if self._seen_prompts is not None:
+            for text in set(prompts) - self._seen_prompts:
+                self._seen_prompts.add(text)
+                if (line := vocabulary_warning(text)) is not None:
+                    warnings.warn(line)
         if "text_encoder" in self.offload.moving:  # its visit never overlaps a cache (as the memory plan assumes)
             self.release_cache()
         with self.offload.use("text_encoder"):
@@ -368,7 +378,7 @@ def plan_for_run(cfg: Config, num_frames: int, *, heads=None, height: int | None
 def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | None = None,
                   wan_dir: str | None = None, device: str | None = None, dtype: str | None = None,
                   offload: str | None = None, **model_overrides) -> Pipeline:
-    """Build a pipeline; with no arguments, the embedded tiny model (random weights, seconds on a CPU).
+    """Build a pipeline; with no arguments, the embedded world model (trained; seconds on a CPU).
 
     `checkpoint` / `wan_dir`: local paths or Hub references (`org/name[:file][@revision]`). `offload`: auto,
     none, text-encoder or model (`pfgen.memory`); auto plans a 60 s video of the config's size."""

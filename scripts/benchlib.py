@@ -37,8 +37,9 @@ SHAPES = {
     "full": Shape("full", 30, 12, 128, 8960, 4096, 256, 480, 832, 80, "bfloat16", "self-forcing-1.3b.json", 12),
     # 4 layers of 3 heads x 128 at 240x416 (390 tokens/frame): attention ~70 % of FLOPs like the full model.
     "cpu": Shape("cpu", 4, 3, 128, 2240, 4096, 256, 240, 416, 40, "float32", "bench-cpu-4x3.json", 12),
-    # Seconds, to keep the scripts from rotting (tests run it).
-    "tiny": Shape("tiny", 4, 4, 32, 256, 32, 32, 32, 48, 12, "float32", "tiny.json", 4),
+    # Seconds, to keep the scripts from rotting (tests run it): the embedded world model's architecture
+    # (pfgen/world/model.py) and head file, random weights, at 32x48.
+    "tiny": Shape("tiny", 6, 4, 32, 384, 64, 64, 32, 48, 12, "float32", "tiny.json", 4),
 }
 
 

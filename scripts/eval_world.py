@@ -1,14 +1,17 @@
 """Measure a trained world model (scripts/train_world.py's OUT/world) against docs/world.md's targets.
 
-    python scripts/eval_world.py targets --model OUT/world --out runs/eval     # VAE PSNR, 0-10 s, 50-60 s, motion
-    python scripts/eval_world.py policies --model OUT/world --seconds 300 --pairs 8 --out runs/eval
-    python scripts/eval_world.py switch --model OUT/world --out runs/eval      # --then 5, re-cache or not
-    python scripts/eval_world.py speed --model OUT/world                        # fps, first-frame latency
+    python scripts/eval_world.py targets --out runs/eval     # VAE PSNR, 0-10 s, 50-60 s, motion
+    python scripts/eval_world.py policies --seconds 300 --pairs 8 --out runs/eval
+    python scripts/eval_world.py switch --out runs/eval      # --then 5, re-cache or not
+    python scripts/eval_world.py speed                        # fps, first-frame latency
+
+The shipped weights by default; `--model OUT/world --heads HEADS.json` measures another trained folder.
 
 Every video comes from held-out (prompt, seed) pairs: prompts of the held-out split (a green triangle, an
 orange square or a striped brown background; pfgen/world/grammar.py), never seen in training, with noise
-seeds 1000+. Each video is scored on the fly with the world scorer (pfgen/world/score.py), so memory stays
-bounded at any length. Results are JSON files in --out; figures are means over videos with 95 % bootstrap
+seeds 1000+; `--split train` draws the training split's prompts the same way, to see what the model does
+where it was trained. Each video is scored on the fly with the world scorer (pfgen/world/score.py), so memory
+stays bounded at any length. Results are JSON files in --out; figures are means over videos with 95 % bootstrap
 confidence intervals (2000 resamples of the videos).
 """
 
@@ -26,14 +29,15 @@ import numpy as np
 FPS = 16
 
 
-def heldout_pairs(count: int) -> list[tuple[str, int]]:
-    """`count` held-out (prompt, seed) pairs, deterministic; every fourth forced to two objects on stripes."""
+def scene_pairs(count: int, split: str = "heldout") -> list[tuple[str, int]]:
+    """`count` (prompt, seed) pairs of the split, deterministic; every fourth forced to two objects on stripes.
+    pfgen's noise seeds are 1000 + the pair's index."""
     from pfgen.world.grammar import sample_scene
 
     rng = np.random.default_rng(2026)
     pairs = []
     while len(pairs) < count:
-        scene = sample_scene(rng, held_out=True)
+        scene = sample_scene(rng, held_out=split == "heldout")
         if len(pairs) % 4 == 3 and (len(scene.things) < 2 or not scene.striped):
             continue
         pairs.append((scene.prompt, 1000 + len(pairs)))
@@ -41,21 +45,22 @@ def heldout_pairs(count: int) -> list[tuple[str, int]]:
 
 
 def load(args):
-    """The world model of folder args.model at the world's size, through the real-weights path."""
+    """The embedded default (config `tiny`: the shipped weights and their head file), or the world model of
+    folder args.model with head file args.heads (rolling without one), through the real-weights path."""
     from dataclasses import replace
 
     import torch
 
     from pfgen.config import load_config
     from pfgen.pipeline import load_pipeline
-    from pfgen.world.model import HEIGHT, WIDTH
 
-    cfg = load_config(None)
-    heads = str(args.heads) if args.heads else None  # pfgen profile-heads on the folder makes one
-    cfg = replace(cfg, video=replace(cfg.video, height=HEIGHT, width=WIDTH),
-                  cache=replace(cfg.cache, heads=heads, policy="pyramid" if heads else "rolling"))
-    pipe = load_pipeline(cfg, checkpoint=str(args.model / "transformer"), wan_dir=str(args.model),
-                         device="cpu", dtype="float32")
+    cfg = load_config("tiny")
+    folder = {}
+    if args.model is not None:
+        heads = str(args.heads) if args.heads else None  # pfgen profile-heads on the folder makes one
+        cfg = replace(cfg, cache=replace(cfg.cache, heads=heads, policy="pyramid" if heads else "rolling"))
+        folder = dict(checkpoint=str(args.model / "transformer"), wan_dir=str(args.model))
+    pipe = load_pipeline(cfg, device="cpu", dtype="float32", **folder)
     torch.set_num_threads(args.threads)
     return pipe
 
@@ -157,7 +162,7 @@ def vae_psnr(pipe, clips: int = 24, frames: int = 33) -> dict:
 
     scores = []
     with torch.no_grad():
-        for prompt, seed in heldout_pairs(clips):
+        for prompt, seed in scene_pairs(clips):
             video = WorldVideo(parse(prompt), seed, HEIGHT, WIDTH).frames(0, frames)
             x = torch.from_numpy(video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0)[None]
             y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
@@ -170,7 +175,7 @@ def cmd_targets(args) -> dict:
     pipe = load(args)
     out = {"vae_psnr_db": vae_psnr(pipe)}
     rows = []
-    for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
+    for n, (prompt, seed) in enumerate(scene_pairs(args.pairs, args.split)):
         track, wall = run_video(pipe, prompt, seed, args.seconds, args.policy or pipe.config.cache.policy)
         rows.append(video_row(track, args.seconds, wall))
         print(f"{n + 1}/{args.pairs} {wall:.1f}s {prompt}", file=sys.stderr, flush=True)
@@ -179,14 +184,14 @@ def cmd_targets(args) -> dict:
 
 
 def cmd_policies(args) -> dict:
-    if args.heads is None:
-        raise SystemExit("policies needs --heads (the model's head-type file, from pfgen profile-heads)")
+    if args.model is not None and args.heads is None:
+        raise SystemExit("policies needs --heads with --model (the model's head-type file, from pfgen profile-heads)")
     pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
     manifest = []
     for policy in ("rolling", "pyramid", "full"):
         rows = []
-        for n, (prompt, seed) in enumerate(heldout_pairs(args.pairs)):
+        for n, (prompt, seed) in enumerate(scene_pairs(args.pairs, args.split)):
             mp4 = None
             if args.videos:  # DIR/POLICY/N.mp4 and DIR/manifest.jsonl, for `pfgen evaluate DIR --plot`
                 (args.videos / policy).mkdir(parents=True, exist_ok=True)
@@ -201,14 +206,14 @@ def cmd_policies(args) -> dict:
     return out
 
 
-def switch_pairs(count: int) -> list[tuple[str, str, int]]:
-    """(prompt, the same scene with the first object in another colour, seed), held-out prompts."""
+def switch_pairs(count: int, split: str) -> list[tuple[str, str, int]]:
+    """(prompt, the same scene with the first object in another colour, seed), prompts of the split."""
     from dataclasses import replace
 
     from pfgen.world.grammar import OBJECT_COLOURS, Scene, parse
 
     out = []
-    for prompt, seed in heldout_pairs(count):
+    for prompt, seed in scene_pairs(count, split):
         scene = parse(prompt)
         used = {t.colour for t in scene.things}
         colour = next(c for c in OBJECT_COLOURS if c not in used)
@@ -242,7 +247,7 @@ def cmd_switch(args) -> dict:
     out = {"at_s": args.at, "seconds": args.seconds}
     for recache in (True, False):
         rows = []
-        for old, new, seed in switch_pairs(args.pairs):
+        for old, new, seed in switch_pairs(args.pairs, args.split):
             track, _, old_track = run_video(pipe, new, seed, args.seconds, pipe.config.cache.policy,
                                             timeline=[(0.0, old), (args.at, new)], recache=recache, also=old)
             rows.append({"from": old, "to": new, **switch_row(track, old_track, args.at, WIDTH)})
@@ -290,10 +295,13 @@ def cmd_speed(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("targets", "policies", "switch", "speed"))
-    parser.add_argument("--model", type=Path, required=True, help="train_world.py's OUT/world folder")
-    parser.add_argument("--heads", type=Path, default=None, help="head-type file of the model (pyramid)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="train_world.py's OUT/world folder (default: the shipped weights)")
+    parser.add_argument("--heads", type=Path, default=None, help="with --model: its head-type file (pyramid)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="the prompts' split (targets, policies, switch)")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--policy", default=None)
     parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")

@@ -1,8 +1,12 @@
 """The pfgen command line run in-process, as the tests run it."""
 
+from pathlib import Path
+
 import pytest
 
 from pfgen.cli import main
+
+RANDOM = Path(__file__).with_name("random.yaml")  # the random-weight test model's config (see conftest.py)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:

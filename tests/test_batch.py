@@ -15,7 +15,7 @@ import pytest
 from pfgen.batch import MANIFEST, REQUEST_KEYS
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
-from clirun import run_cli
+from clirun import RANDOM, run_cli
 
 SIZE = ["--seconds", "1", "--height", "64", "--width", "96"]
 PROMPTS = "a red kite over the sea\n\na cat on a sofa\n# not a prompt\nwaves at night\n\nsnow on a city\n"
@@ -23,7 +23,7 @@ NAMES = ["0000-a-red-kite-over-the-sea", "0001-a-cat-on-a-sofa", "0002-waves-at-
 FIELDS = {*REQUEST_KEYS, "name", "file", "index", "bytes", "latent_frames", "video_seconds", "wall_seconds",
           "switches", "first_frame_seconds", "generation_fps", "peak_memory_bytes", "memory_kind", "device", "rank",
           "world_size", "pfgen_version", "finished_at"}
-TINY_HEADS = Path(__file__).resolve().parents[1] / "pfgen" / "configs" / "heads" / "tiny.json"
+TINY_HEADS = Path(__file__).with_name("heads-random.json")  # the head file of tests/random.yaml, the default here
 
 
 
@@ -37,7 +37,8 @@ def command(prompts, out, *extra, ranks=None):
             port = s.getsockname()[1]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                     "--master_port", str(port), "-m", "pfgen"]
-    return [*launcher, "generate", "--prompts", str(prompts), "--output-dir", str(out), *SIZE, *extra]
+    return [*launcher, "generate", "--config", str(RANDOM), "--prompts", str(prompts), "--output-dir", str(out), *SIZE,
+            *extra]
 
 
 def environment():
@@ -265,7 +266,7 @@ def test_jsonl_rows_take_an_image_recorded_by_content(tmp_path, capsys, monkeypa
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config = tmp_path / "fw.yaml"
-    config.write_text("model: {name: tiny}\nsampling: {frames_per_chunk: 1, timesteps: [1000]}\n"
+    config.write_text("model: {name: random}\nsampling: {frames_per_chunk: 1, timesteps: [1000]}\n"
                       "cache: {policy: rolling}\n")
     (tmp_path / "img").mkdir()
     Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(tmp_path / "img" / "first.png")

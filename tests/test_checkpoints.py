@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clirun import run_cli
+from clirun import RANDOM, run_cli
 from pfgen.errors import PfgenError
 from pfgen.state import RunState
 from pfgen.video import decoded_frames, read_metadata
@@ -57,7 +57,8 @@ def comment(mp4: Path) -> dict:
 
 
 def start(args, cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pfgen", "generate", *map(str, args)], cwd=cwd, env=child_env(),
+    return subprocess.Popen([sys.executable, "-m", "pfgen", "generate", "--config", str(RANDOM), *map(str, args)],
+                            cwd=cwd, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -178,8 +179,9 @@ def test_a_signal_while_a_state_is_saved_waits_for_it(state, tmp_path):
     arrives right after the state file is written."""
     shutil.copy(state, tmp_path / "ip.state")
     before = position(tmp_path / "ip.state")
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_SAVING, "generate", "--resume", "ip.state",
-                           "--save-state", "ip.state", "--save-state-every", "1", "--seconds", "30", "-o", "ip.mp4"],
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_SAVING, "generate", "--config", RANDOM, "--resume",
+                           "ip.state", "--save-state", "ip.state", "--save-state-every", "1", "--seconds", "30", "-o",
+                           "ip.mp4"],
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     after = position(tmp_path / "ip.state")
     assert proc.returncode == 143 and after == before + 3, proc.stderr

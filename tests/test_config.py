@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+import pfgen.config
 from pfgen.config import CONFIG_DIR, CacheConfig, PyramidConfig, load_config, with_overrides
 from pfgen.errors import PfgenError
 from pfgen.heads import HeadTypes
+from pfgen.world.model import HEIGHT, WEIGHTS, WIDTH, is_embedded
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -17,10 +19,13 @@ def test_bundled_configs_load(path):
         HeadTypes.load(cfg.cache.heads)
 
 
-def test_default_is_the_tiny_config():
+def test_default_is_the_embedded_world_model(monkeypatch):
+    monkeypatch.setattr(pfgen.config, "DEFAULT_CONFIG", pfgen.config.CONFIG_DIR / "tiny.yaml")  # undo conftest's
     cfg = load_config(None)
-    assert cfg.model.name == "tiny" and cfg.model.checkpoint is None
+    assert cfg.model.name == "tiny" and is_embedded(cfg.model)
+    assert Path(cfg.model.wan_dir) == WEIGHTS and (WEIGHTS / "vae" / "config.json").is_file()
     assert cfg.cache.policy == "pyramid" and cfg.cache.heads.endswith("heads/tiny.json")
+    assert (cfg.video.height, cfg.video.width) == (HEIGHT, WIDTH)
 
 
 def test_pyramid_forcing_yaml_spells_out_the_defaults():

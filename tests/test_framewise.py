@@ -22,7 +22,7 @@ FRAMES = 14  # latent frames
 
 def framewise_config(tmp_path, later=LATER):
     path = tmp_path / "fw.yaml"
-    path.write_text(f"model: {{name: tiny}}\nsampling: {{frames_per_chunk: 1, timesteps: {list(later)}, "
+    path.write_text(f"model: {{name: random}}\nsampling: {{frames_per_chunk: 1, timesteps: {list(later)}, "
                     f"first_chunk_timesteps: {list(FIRST)}}}\ncache: {{policy: rolling}}\n"
                     f"video: {{height: {H}, width: {W}}}\n")
     return path

@@ -13,7 +13,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from clirun import run_cli
+from clirun import RANDOM, run_cli
 from hubserver import Hub
 from test_reliability import child_env, leftovers, one_line_error
 
@@ -23,7 +23,10 @@ P1, P2 = "a red kite over the sea", "a dog on a beach"
 
 
 def pfgen(args, cwd, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """`pfgen ARGS` in a child process; stdout and stderr decoded (with replacement) for the assertions."""
+    """`pfgen ARGS` in a child process, generate on the random test model; stdout and stderr decoded (with
+    replacement) for the assertions."""
+    if args[0] == "generate":
+        args = ["generate", "--config", RANDOM, *args[1:]]
     run = subprocess.run([sys.executable, "-m", "pfgen", *map(str, args)], cwd=cwd, input=stdin,
                          stdin=None if stdin is not None else subprocess.DEVNULL, capture_output=True,
                          env={**child_env(), **(env or {})}, timeout=timeout)
@@ -85,7 +88,8 @@ def test_a_stdin_that_cannot_be_read_ends_the_run(tmp_path):
     (tmp_path / "sink").write_bytes(b"")
     write_only = os.open(tmp_path / "sink", os.O_WRONLY)
     try:
-        run = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--interactive", *SMALL, "-o", "out.mp4"],
+        run = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--config", RANDOM, "--interactive", *SMALL,
+                              "-o", "out.mp4"],
                              cwd=tmp_path, stdin=write_only, capture_output=True, text=True, env=child_env(),
                              timeout=300)
     finally:

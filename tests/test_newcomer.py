@@ -83,7 +83,7 @@ def test_api_mp4_carries_the_cli_metadata(tmp_path, capsys):
     code, _, err = run_cli(["generate", "--prompt", "a kite", "--seed", "7", "--seconds", "1", *SIZE, "-o",
                             tmp_path / "cli.mp4"], capsys)
     assert code == 0, err
-    assert "(for real weights: pfgen download --config self-forcing, then --config self-forcing)" in err
+    assert "model 'random' has random weights: the video is noise" in err
     pipe = pfgen.load_pipeline()
     pipe("a kite", num_frames=21, output_type="mp4", output_path=tmp_path / "api.mp4", height=32, width=48,
          generator=torch.Generator().manual_seed(7))

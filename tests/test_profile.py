@@ -133,7 +133,7 @@ def test_threshold_override_moves_boundary(profiled, capsys):
     ("short", "no history to profile"),
     ("threshold", "unknown threshold 'nope'"),
     ("bad_stats", "frame_logits has shape"),
-    ("other_model", "statistics are for model 'tiny'"),
+    ("other_model", "statistics are for model 'random'"),
     ("binary_prompts", "is not UTF-8 text"),
     ("binary_compare", "not a text file (not UTF-8)"),
     ("no_sink", "its metadata has no valid 'sink' (None)"),

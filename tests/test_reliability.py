@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pfgen.outputs import is_partial
-from clirun import run_cli
+from clirun import RANDOM, run_cli
 
 SIZE = ["--height", "32", "--width", "48"]
 SMALL = ["--seconds", "1", *SIZE]
@@ -257,7 +257,7 @@ def test_mp4_says_how_it_was_made_and_json_summary(tmp_path, capsys):
     from pfgen.evaluate.videos import prompt_from_metadata
 
     assert prompt_from_metadata(out) == "a kite; a=b"  # what `pfgen evaluate --deep` scores the video against
-    assert made == {"prompt": "a kite; a=b", "seed": 7, "config": "tiny", "policy": "pyramid", "checkpoint": None,
+    assert made == {"prompt": "a kite; a=b", "seed": 7, "config": "random", "policy": "pyramid", "checkpoint": None,
                     "pfgen": __version__, "resumed_from": None,
                     "timeline": [{"seconds": 0.0, "video_frame": 0, "latent_frame": 0, "prompt": "a kite; a=b",
                                   "source": "timeline"}]}
@@ -273,11 +273,11 @@ def test_quiet_prints_nothing_and_version(tmp_path, capsys):
 
 
 def test_options_that_do_nothing_warn(tmp_path, capsys):
-    heads = Path(__file__).resolve().parents[1] / "configs" / "heads" / "tiny.json"
+    heads = Path(__file__).with_name("heads-random.json")
     code, _, err = run_cli(["generate", *SMALL, "-o", str(tmp_path / "w.mp4"), "--policy", "rolling", "--heads",
                             str(heads), "--num-heads", "2"], capsys)
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert code == 0 and warnings == ["warning: --num-heads does nothing for the embedded tiny model",
+    assert code == 0 and warnings == ["warning: --num-heads does nothing for the random test model",
                                       "warning: --heads does nothing under --policy rolling (it is for pyramid)"]
 
 
@@ -289,16 +289,16 @@ def test_long_prompt_is_warned_once(tmp_path, capsys):
 
 def test_summary_line_is_not_wrapped_in_logs(tmp_path):
     out = tmp_path / ("a-long-name-" * 6 + ".mp4")
-    result = subprocess.run([sys.executable, "-m", "pfgen", "generate", *SMALL, "-o", str(out)], capture_output=True,
-                            text=True, env={**child_env(), "COLUMNS": "80"}, timeout=240)
+    result = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--config", RANDOM, *SMALL, "-o", str(out)],
+                            capture_output=True, text=True, env={**child_env(), "COLUMNS": "80"}, timeout=240)
     assert result.returncode == 0, result.stderr
     summary = [line for line in result.stderr.splitlines() if line.startswith("wrote ")]
     assert len(summary) == 1 and str(out) in summary[0] and "peak memory" in summary[0]
 
 
 def _start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "pfgen", "generate", *args], cwd=cwd, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pfgen", "generate", "--config", RANDOM, *args], cwd=cwd,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_partial(folder: Path, proc, timeout=120) -> None:
@@ -399,14 +399,14 @@ def test_stale_partials_of_live_processes_are_kept(tmp_path):
 
 def test_batch_resumes_from_another_install(tmp_path, capsys):
     """The same config and head file at other paths (another venv / checkout) resume, not refuse."""
-    repo = Path(__file__).resolve().parents[1] / "configs"
+    here = Path(__file__).resolve().parent
     installs = []
     for name in ("venv-a", "venv-b"):
         folder = tmp_path / name
         (folder / "heads").mkdir(parents=True)
-        (folder / "heads" / "tiny.json").write_bytes((repo / "heads" / "tiny.json").read_bytes())
-        (folder / "tiny.yaml").write_text((repo / "tiny.yaml").read_text())
-        installs.append(folder / "tiny.yaml")
+        (folder / "heads-random.json").write_bytes((here / "heads-random.json").read_bytes())
+        (folder / "random.yaml").write_text((here / "random.yaml").read_text())
+        installs.append(folder / "random.yaml")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a kite\n")
     for i, config in enumerate(installs):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from pfgen.sampling import ChunkLoop, NoiseSource
 from pfgen.state import RunState
 from pfgen.story import Story
 from pfgen.timeline import Entry, from_options, load_timeline, resolve, switch_frame, video_frame
-from clirun import run_cli
+from clirun import RANDOM, run_cli
 
 SIZE = dict(height=64, width=96)
 CLI_SIZE = ["--height", "64", "--width", "96"]
@@ -276,11 +277,11 @@ def _rewrite(path, out, change, sign: bool = True):
 
 def test_states_that_do_not_fit_are_refused(saved, tmp_path, capsys):
     heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"format": "pfgen.head-types/1", "model": {"name": "tiny", "layers": 4, "heads": 4},
+    heads.write_text(json.dumps({"format": "pfgen.head-types/1", "model": {"name": "random", "layers": 4, "heads": 4},
                                  "types": [["anchor"] * 4] * 4}))
     config = tmp_path / "shift.yaml"
-    config.write_text("sampling:\n  shift: 3.0\ncache:\n  policy: pyramid\n  heads: "
-                      f"{pfgen.config.CONFIG_DIR / 'heads' / 'tiny.json'}\n")
+    config.write_text("model:\n  name: random\nsampling:\n  shift: 3.0\ncache:\n  policy: pyramid\n  heads: "
+                      f"{Path(__file__).with_name('heads-random.json')}\n")
     truncated = tmp_path / "truncated.state"
     truncated.write_bytes((saved / "a.state").read_bytes()[:100_000])
     flipped = bytearray((saved / "a.state").read_bytes())
@@ -298,7 +299,7 @@ def test_states_that_do_not_fit_are_refused(saved, tmp_path, capsys):
         (["--resume", state, "--policy", "rolling"], "was saved with the pyramid policy, this run uses rolling"),
         (["--resume", state, "--config", str(config)], "was saved with another config"),
         (["--resume", state, "--heads", str(heads)], "was saved with other head types"),
-        (["--resume", str(other_model)], "was saved with another model (tiny)"),
+        (["--resume", str(other_model)], "was saved with another model (random)"),
         (["--resume", str(truncated)], "is corrupt or truncated"),
         (["--resume", str(corrupt)], "is corrupt or truncated"),
         (["--resume", state, "--height", "96"], "continues a 96x64 video"),
@@ -366,7 +367,7 @@ def test_interactive_prompts_from_a_real_pipe(tmp_path):
     state = tmp_path / "run.state"
     preview = tmp_path / "p.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pfgen", "generate", "--interactive", "--prompt", P1,
+    proc = subprocess.Popen([sys.executable, "-m", "pfgen", "generate", "--config", RANDOM, "--interactive", "--prompt", P1,
                              "--seconds", "12", *CLI_SIZE, "-o", str(tmp_path / "x.mp4"), "--preview", str(preview),
                              "--save-state", str(state)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)

@@ -57,9 +57,9 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
     for job in {job.policy: job for job in jobs}.values():
         pipe.head_types(job.policy, job.heads)  # head types that do not fit the model fail before any output
     if cfg.model.checkpoint is None and ranks.rank == 0:
-        console.print("[yellow]note:[/] embedded tiny model with random weights: the videos are noise-like "
-                      "(for real weights: pfgen download --config self-forcing, then --config self-forcing)",
-                      soft_wrap=True)
+        from pfgen.wan.tiny import NOISE_NOTE
+
+        console.print(NOISE_NOTE, soft_wrap=True)
     part = req.output_dir / f".manifest.rank{ranks.rank}.jsonl"
     prefix = f"rank {ranks.rank} " if ranks.world > 1 else ""
     with _chunk_bar(console, live=ranks.world == 1) as on_chunk:

@@ -21,7 +21,7 @@ def place(model, device, dtype):
 
 
 def load_components(model_cfg, device, dtype, offload: str = "none"):
-    """(transformer, vae, prompt encoder) for a ModelConfig; no checkpoint = the embedded tiny model.
+    """(transformer, vae, prompt encoder) for a ModelConfig; no checkpoint = the random test model (pfgen.wan.tiny).
 
     Hub references in the config are downloaded (or found in the HF cache) here. Each component is loaded to
     its home under the offload mode (`pfgen.offload`): the CPU when the mode offloads it, else `device`."""

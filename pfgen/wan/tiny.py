@@ -1,10 +1,14 @@
-"""The embedded tiny model: real Wan architecture at toy sizes, random weights from a fixed seed.
+"""The random-weight tiny model (model name `random`): real Wan architecture at toy sizes, weights from a fixed seed.
 
-It runs the exact code path of the 1.3B model (same diffusers classes, same cache, same VAE streaming) in
-seconds on a CPU. Its pictures are noise-like: it shows the pipeline working, not a trained model.
+The tests run the exact code path of the 1.3B model on it (same diffusers classes, same cache, same VAE
+streaming) in seconds on a CPU, against oracles built from the same seeds. Its pictures are noise. The
+embedded default is the trained world model instead (pfgen.world.model).
 """
 
 from __future__ import annotations
+
+NOISE_NOTE = ("[yellow]note:[/] model 'random' has random weights: the video is noise (the embedded default, "
+              "config tiny, is a trained model)")
 
 # The architectures are plain data (torch-free), so that inspect-cache and the memory plan read them without
 # importing torch.

@@ -1,10 +1,22 @@
 """The world model's architecture (torch-free data): the real Wan classes at toy sizes, 64x96 video.
 
 scripts/train_world.py trains these from scratch on 2 CPU cores and writes a diffusers folder (transformer/,
-vae/, text_encoder/, tokenizer/) that loads through the ordinary real-weights path (`--checkpoint
-DIR/transformer --wan-dir DIR`). It is not pfgen's embedded default yet: docs/world.md has its training, its
-figures and what is missing.
+vae/, text_encoder/, tokenizer/); the trained one ships in WEIGHTS. A ModelConfig named EMBEDDED without a
+checkpoint names this folder (pfgen.config.ModelConfig), so it loads through the ordinary real-weights path,
+exactly as `--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS` does. docs/world.md has its training and figures.
 """
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).with_name("weights")
+EMBEDDED = "tiny"  # the model name (and bundled config) of the embedded default: these weights
+RANDOM = "random"  # the model name of the random-weight tiny model built in code (pfgen.wan.tiny), for tests
+
+
+def is_embedded(model_cfg) -> bool:
+    """Whether a ModelConfig runs the shipped world model's transformer."""
+    return model_cfg.checkpoint is not None and Path(model_cfg.checkpoint) == WEIGHTS / "transformer"
+
 
 HEIGHT, WIDTH = 64, 96
 WORLD_TRANSFORMER = dict(
