@@ -118,9 +118,9 @@ def span(track, start_s: float, end_s: float) -> dict:
 def video_row(track, seconds: float, wall: float) -> dict:
     from pfgen.world.score import period_ok
 
+    periods = track.periods()  # scores the frames still buffered, so that `total` counts them
     total = len(track.right)
     windows = [track.window(s, s + FPS, FPS) for s in range(0, total - FPS + 1, FPS)]
-    periods = track.periods()
     return {"prompt": track.scene.prompt, "seconds": seconds, "wall_s": wall, "frames": total,
             "first_10s": span(track, 0, 10), "last_10s": span(track, seconds - 10, seconds),
             "periods": [{**p, "ok": period_ok(p)} for p in periods],

@@ -178,3 +178,25 @@ def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
         theirs = plain(x, timestep=t, encoder_hidden_states=padded, return_dict=False)[0]
     assert short.shape[1] < 100 and theirs.abs().mean() > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
+
+
+def test_eval_world_rows_count_every_frame():
+    """A world render of 100 frames (not a multiple of the scorer's batch of 64): the row counts all of them,
+    gives a window per whole second, and finds the planted ball in every frame."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from eval_world import video_row
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from pfgen.world.grammar import parse
+    from pfgen.world.render import WorldVideo
+    from pfgen.world.score import WorldTrack
+
+    scene = parse("a red ball resting on a navy background")
+    track = WorldTrack(scene)
+    for frame in WorldVideo(scene, 0, 64, 96).frames(0, 100):
+        track.add(frame)
+    row = video_row(track, seconds=100 / 16, wall=1.0)
+    assert row["frames"] == 100
+    assert len(row["per_second"]["world_objects"]) == 6
+    assert row["first_10s"]["objects"] == [1.0] and row["first_10s"]["background"] == 1.0
