@@ -26,8 +26,8 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             by content here: a weight that depends on the target biases the learnt mean. Tried with objects
             at 8x, the first chunk became object colours smeared over the whole frame.) After the prompt
             phase three steps in four are first-chunk steps. Whole clips (--dit-steps) are off by default:
-            the 2026-12-06 run went from the prompt phase to windows. Last, the window phase: 9-latent-frame
-            windows at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
+            the shipped run went from the prompt phase to windows. Last, the window phase: 9-latent-frame windows
+            at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
             on whole clips the model still lost the objects, from the first chunk and from clean history
             alike). dit_probe logs how often the objects come out of pure noise, with and without history,
             every 1000 steps and at the end. The cross-attention runs over the prompts' tokens and one zero
@@ -690,9 +690,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pool", type=int, default=500, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
     parser.add_argument("--dit-steps", type=int, default=0,
-                        help="DiT steps on whole clips, after --text-steps (the 2026-12-06 run had none)")
+                        help="DiT steps on whole clips, after --text-steps (the shipped run had none)")
     parser.add_argument("--dit-batch", type=int, default=2)
-    parser.add_argument("--window-steps", type=int, default=8400,
+    parser.add_argument("--window-steps", type=int, default=29350,
                         help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
