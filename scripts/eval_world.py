@@ -302,17 +302,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="the prompts' split (targets, policies, switch)")
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="video length (default: 60 for targets and policies, 10 for switch and speed)")
     parser.add_argument("--policy", default=None)
     parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--tag", default="", help="suffix of the result file name (one that starts with - as --tag=-x)")
     parser.add_argument("--videos", type=Path, default=None, help="policies: also write the mp4s and a manifest here")
     args = parser.parse_args()
-    if args.command == "switch" and args.seconds == 60.0:
-        args.seconds = 10.0
-    if args.command == "speed" and args.seconds == 60.0:
-        args.seconds = 10.0
+    if args.seconds is None:
+        args.seconds = 10.0 if args.command in ("switch", "speed") else 60.0
     result = {"targets": cmd_targets, "policies": cmd_policies, "switch": cmd_switch, "speed": cmd_speed}[
         args.command](args)
     text = json.dumps(result, indent=1)
