@@ -1,8 +1,9 @@
 """Frame arithmetic, in one place and torch-free.
 
 The Wan VAE turns T latent frames into 1 + 4 (T - 1) video frames (the first latent frame is one video frame,
-each later one four) and 8 x 8 pixels into one latent pixel. The chunk loop works in whole chunks of
-`frames_per_chunk` latent frames.
+each later one four) and s x s pixels into one latent pixel, where s is the VAE's spatial factor (8 for Wan2.1's,
+4 for a world-model variant: `vae_space`). The chunk loop works in whole chunks of `frames_per_chunk` latent
+frames.
 """
 
 from __future__ import annotations
@@ -12,9 +13,23 @@ import math
 from pfgen.errors import PfgenError
 
 VAE_TIME = 4  # video frames per latent frame (after the first)
-VAE_SPACE = 8  # pixels per latent pixel, each way
 DEFAULT_SECONDS = 5.0
 MAX_SECONDS = 3600  # longer videos need --force (a typo like --seconds 6000000 must not run for weeks)
+
+
+WAN_VAE_SPACE = 8  # the Wan2.1 VAE's pixels per latent pixel, each way
+
+
+def vae_space(vae_config) -> int:
+    """Pixels per latent pixel, each way, of a VAE config (a dict or a diffusers config): its
+    `scale_factor_spatial`; the Wan2.1 VAE's where it has none (configs from before diffusers named it) or
+    there is no VAE (a pipeline that makes latents only)."""
+    return WAN_VAE_SPACE if vae_config is None else int(vae_config.get("scale_factor_spatial", WAN_VAE_SPACE))
+
+
+def latent_grid(height: int, width: int, space: int) -> tuple[int, int]:
+    """Latent (h, w) of a video size, for a VAE of spatial factor `space`."""
+    return height // space, width // space
 
 
 def video_frames_for(latent: int) -> int:

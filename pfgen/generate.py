@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pfgen.frames import VAE_SPACE, latent_frames_for, video_frames_for
+from pfgen.frames import latent_frames_for, video_frames_for
 from pfgen.outputs import PreviousVersion, atomic_output, signals_deferred, write_error, write_safetensors
 from pfgen.pipeline import Pipeline
 from pfgen.story import Story
@@ -189,10 +189,10 @@ def _keep_checkpoint(writer, files, frames: int | None, metadata, save_state, pr
     return None
 
 
-def latents_bytes(latent_frames: int, height: int, width: int) -> int:
-    """Upper bound of the `--save-latents` file: 16 channels x latent frames x latent pixels in float32, plus
-    the safetensors header."""
-    return LATENT_CHANNELS * latent_frames * (height // VAE_SPACE) * (width // VAE_SPACE) * 4 + 4096
+def latents_bytes(latent_frames: int, grid: tuple[int, int]) -> int:
+    """Upper bound of the `--save-latents` file: 16 channels x latent frames x latent pixels (`grid`) in
+    float32, plus the safetensors header."""
+    return LATENT_CHANNELS * latent_frames * grid[0] * grid[1] * 4 + 4096
 
 
 def _save_latents(latents: torch.Tensor, tmp: Path, prompt: str | None, seed: int | None) -> None:

@@ -173,10 +173,14 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     from pfgen.heads import head_type_rows, head_type_source
     from pfgen.memory import architectures
 
-    arch = architectures(cfg.model)[0]
+    from pfgen.frames import latent_grid, vae_space
+
+    arch, _, vae, _ = architectures(cfg.model)
     layers, n_heads, head_dim = arch["num_layers"], arch["num_attention_heads"], arch["attention_head_dim"]
-    check_video_size(height, width, option_prefix="--")
-    grid = (height // 16, width // 16)
+    space, patch = vae_space(vae), arch["patch_size"]
+    check_video_size(height, width, space * patch[1], option_prefix="--")
+    latent = latent_grid(height, width, space)
+    grid = (latent[0] // patch[1], latent[1] // patch[2])
     policy = policy or ("pyramid" if heads_file or cfg.cache.heads or cfg.cache.all else cfg.cache.policy)
     source = head_type_source(cfg.cache, policy, heads_file)
     if not isinstance(source, str) and source is not None:

@@ -22,7 +22,7 @@ import torch
 
 from pfgen.config import OFFLOAD_MODES
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, dit_passes, latent_frames_for, video_frames_for
+from pfgen.frames import dit_passes, latent_frames_for, latent_grid, vae_space, video_frames_for
 from pfgen.heads import head_type_rows, head_type_source
 from pfgen.wan.text import TEXT_TOKENS
 
@@ -54,6 +54,7 @@ class MemoryPlan:
     policy: str
     height: int
     width: int
+    grid: tuple[int, int]  # latent (h, w)
     device: str
     dtype: str
     offload: str  # the chosen mode
@@ -279,7 +280,7 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     per_chunk = cfg.sampling.frames_per_chunk
     latent = latent_frames_for(num_frames, per_chunk)
     transformer, text, vae, sources = architectures(cfg.model)
-    grid = (height // VAE_SPACE, width // VAE_SPACE)
+    grid = latent_grid(height, width, vae_space(vae))
     types = head_type_rows(head_type_source(cfg.cache, policy, heads), policy, transformer["num_layers"],
                            transformer["num_attention_heads"])
     patch = transformer["patch_size"]
@@ -312,7 +313,7 @@ def plan_memory(cfg, num_frames: int, *, device: torch.device, dtype: torch.dtyp
     passes = dit_passes(len(sampling.timesteps), len(sampling.first_chunk_timesteps or ()),
                         (latent - image) // per_chunk, fresh=start == 0, image=image, commit_last=commit_last)
     frames = video_frames_for(start + latent) - (video_frames_for(start) if start else 0)  # what the run decodes
-    return MemoryPlan(frames, latent, latent // per_chunk, passes, policy, height, width, str(device),
+    return MemoryPlan(frames, latent, latent // per_chunk, passes, policy, height, width, grid, str(device),
                       str(dtype).removeprefix("torch."), chosen, total, free, memory, peaks, sources)
 
 

@@ -19,7 +19,7 @@ from pfgen.attention import get_backend
 from pfgen.cache.engine import CacheGeometry, KVCache, cache_nbytes
 from pfgen.config import POLICIES, Config, check_video_size, load_config, with_overrides
 from pfgen.errors import PfgenError
-from pfgen.frames import VAE_SPACE, dit_passes, frames_for_seconds, latent_frames_for
+from pfgen.frames import dit_passes, frames_for_seconds, latent_frames_for, latent_grid, vae_space
 from pfgen.heads import HeadTypes, head_type_rows, head_type_source
 from pfgen.image import check_image_run, encode_image, load_image
 from pfgen.memory import free_memory, plan_memory
@@ -126,9 +126,11 @@ class Pipeline:
         return self.transformer.config.num_attention_heads
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Latent (h, w) for a video size; the size must be a multiple of 16 (VAE 8 x patch 2)."""
-        check_video_size(height, width, VAE_SPACE * self.transformer.config.patch_size[1])
-        return height // VAE_SPACE, width // VAE_SPACE
+        """Latent (h, w) for a video size; the size must be a multiple of the VAE's factor times the patch
+        (16 for Wan2.1: 8 x 2)."""
+        space = vae_space(None if self.vae is None else self.vae.config)
+        check_video_size(height, width, space * self.transformer.config.patch_size[1])
+        return latent_grid(height, width, space)
 
     # -- cache ----------------------------------------------------------------------------------------------
     def head_types(self, policy: str, heads: str | HeadTypes | None = None) -> list[list[str]]:
@@ -394,7 +396,7 @@ def load_pipeline(config: str | Path | Config | None = None, checkpoint: str | N
     from pfgen.wan.components import load_components, load_decoder
 
     transformer, vae, encoder = load_components(cfg.model, dev, dt, mode)
-    tae = load_decoder(cfg.model, dev, dt)  # 10 M parameters: stays on the device
+    tae = load_decoder(cfg.model, vae, dev, dt)  # 10 M parameters: stays on the device
     set_threads(cfg.runtime.threads, sum(p.numel() for p in transformer.parameters()))
     pinned = ("text_encoder",) if cfg.model.text_encoder_device else ()
     modules = dict(text_encoder=encoder.encoder, transformer=transformer, vae=vae)

@@ -96,7 +96,7 @@ def check_outputs_fit(opts: StoryOptions, plan, save_latents: Path | None) -> No
     from pfgen.generate import latents_bytes
 
     if save_latents is not None:
-        check_free_space(save_latents, latents_bytes(plan.latent_frames, plan.height, plan.width), "--save-latents")
+        check_free_space(save_latents, latents_bytes(plan.latent_frames, plan.grid), "--save-latents")
     if opts.save_state is not None:
         check_free_space(opts.save_state, plan.memory["kv_cache_bytes"], "--save-state", at_least=True)
 

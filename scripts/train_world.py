@@ -33,6 +33,8 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             every 1000 steps and at the end. The cross-attention runs over the prompts' tokens and one zero
             token that stands for pfgen's padding to 512 (PaddedCrossAttention: the same function, 1.6x faster
             steps).
+`--vae-space 4` trains a variant with 4x spatial compression (latents 16x24) and a 4x4 DiT patch, so the DiT
+still sees 24 tokens a frame (pfgen.world.model.ARCHITECTURES); the shipped model is the default, 8.
 The result is a diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that loads through the
 ordinary real-weights path (`--checkpoint DIR/transformer --wan-dir DIR`). A log of losses and evaluation
 figures goes to --out/log.jsonl.
@@ -59,7 +61,7 @@ from pfgen.video import to_uint8_frames
 from pfgen.world.grammar import parse, sample_scene
 from pfgen.world.render import WorldVideo
 from pfgen.world.score import score_frames
-from pfgen.world.model import HEIGHT, WIDTH, WORLD_TEXT, WORLD_TRANSFORMER, WORLD_VAE
+from pfgen.world.model import ARCHITECTURES, HEIGHT, WIDTH, WORLD_TEXT
 
 FRAMES_PER_CHUNK = 3
 CLIP_LATENTS = 27  # 9 chunks: longer than the 21-frame window, so training sees the rolling cache evict
@@ -95,6 +97,7 @@ class Run:
         self.window_steps = 4 if args.smoke else args.window_steps
         self.window_batch = 2 if args.smoke else WINDOW_BATCH
         self.log_path = self.out / "log.jsonl"
+        self.vae_config, self.transformer_config = ARCHITECTURES[args.vae_space]
 
     def log(self, **row) -> None:
         row["time"] = round(time.time(), 1)
@@ -268,7 +271,7 @@ def train_vae(run: Run):
 
     final = run.out / "vae.pt"
     torch.manual_seed(run.seed)
-    vae = make_framewise(init_vae(AutoencoderKLWan(**WORLD_VAE)))
+    vae = make_framewise(init_vae(AutoencoderKLWan(**run.vae_config)))
     if final.exists():
         vae.load_state_dict(torch.load(final)["vae"])
         return vae.eval()
@@ -430,17 +433,17 @@ def rolling_mask(frames: int, targets: torch.Tensor, tokens: int) -> torch.Tenso
     return frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
 
 
-def tokens_per_frame(h: int, w: int) -> int:
-    """The DiT's tokens per latent frame of h x w latents (its patch is 1 x 2 x 2)."""
-    _, ph, pw = WORLD_TRANSFORMER["patch_size"]
+def tokens_per_frame(transformer, h: int, w: int) -> int:
+    """The DiT's tokens per latent frame of h x w latents."""
+    _, ph, pw = transformer.config.patch_size
     return (h // ph) * (w // pw)
 
 
-def build_dit():
+def build_dit(config: dict):
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    transformer = WanTransformer3DModel(**WORLD_TRANSFORMER)
+    transformer = WanTransformer3DModel(**config)
     text = UMT5EncoderModel(UMT5Config(**WORLD_TEXT, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     return transformer, text
 
@@ -490,7 +493,7 @@ def dit_loss(transformer, text, tokenizer, latents, prompts, rng, window: int | 
     context_sigma = torch.from_numpy(rng.uniform(0.0, 0.08, (batch, 1, 1, 1, 1)).astype(np.float32))
     context_noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
     context = (1 - context_sigma) * latents + context_sigma * context_noise
-    tokens = tokens_per_frame(h, w)
+    tokens = tokens_per_frame(transformer, h, w)
     t_noisy = sigma.repeat_interleave(FRAMES_PER_CHUNK * tokens, dim=1) * 1000.0
     timestep = torch.cat([torch.zeros(batch, frames * tokens), t_noisy], dim=1)
     MaskedSelfAttention.mask = rolling_mask(frames, targets, tokens)
@@ -511,7 +514,7 @@ def first_chunk_loss(transformer, text, tokenizer, latents, prompts, rng) -> tor
     noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
     noisy = (1 - sigma.view(batch, 1, 1, 1, 1)) * x0 + sigma.view(batch, 1, 1, 1, 1) * noise
     MaskedSelfAttention.mask, TargetRoPE.targets = None, torch.zeros(0, dtype=torch.long)
-    timestep = (sigma * 1000.0).repeat_interleave(FRAMES_PER_CHUNK * tokens_per_frame(h, w), dim=1)
+    timestep = (sigma * 1000.0).repeat_interleave(FRAMES_PER_CHUNK * tokens_per_frame(transformer, h, w), dim=1)
     pred = transformer(noisy, timestep=timestep, encoder_hidden_states=encode_text(text, tokenizer, prompts),
                        return_dict=False)[0]
     return F.mse_loss(pred, noise - x0)
@@ -534,7 +537,7 @@ def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int
             prompts.append(prompt)
     x0 = (torch.stack(latents) - mean) / std
     batch, _, frames, h, w = x0.shape
-    tokens, embeds, sigmas = tokens_per_frame(h, w), encode_text(text, tokenizer, prompts), np.linspace(1, 0, steps + 1)
+    tokens, embeds, sigmas = tokens_per_frame(transformer, h, w), encode_text(text, tokenizer, prompts), np.linspace(1, 0, steps + 1)
 
     def sample(history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         MaskedSelfAttention.mask = rolling_mask(history.shape[2], targets, tokens) if history.shape[2] else None
@@ -593,7 +596,7 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
     from transformers import ByT5Tokenizer
 
     torch.manual_seed(run.seed + 1)
-    transformer, text = build_dit()
+    transformer, text = build_dit(run.transformer_config)
     init_text_path(transformer)
     training_attention(transformer)
     tokenizer = ByT5Tokenizer()
@@ -666,7 +669,7 @@ def export(run: Run, vae, transformer, text, tokenizer, mean, std) -> Path:
 
     folder = run.out / "world"
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    fresh = WanTransformer3DModel(**WORLD_TRANSFORMER)  # default processors and RoPE: a plain diffusers model
+    fresh = WanTransformer3DModel(**run.transformer_config)  # default processors and RoPE: a plain diffusers model
     fresh.load_state_dict(transformer.state_dict())
     fresh.half().save_pretrained(folder / "transformer", safe_serialization=True)
     copy.deepcopy(vae).half().save_pretrained(folder / "vae", safe_serialization=True)
@@ -694,6 +697,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dit-batch", type=int, default=2)
     parser.add_argument("--window-steps", type=int, default=29350,
                         help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
+    parser.add_argument("--vae-space", type=int, choices=sorted(ARCHITECTURES), default=8,
+                        help="the VAE's spatial compression: 8 (the shipped model) or 4 (with a 4x4 DiT patch)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

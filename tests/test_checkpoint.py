@@ -256,6 +256,43 @@ def test_cli_generate_with_checkpoint_and_wan_dir(embedded_pt, tmp_path, capsys)
     assert "noise-like" not in err and out.stat().st_size > 0
 
 
+def test_a_vae_of_factor_4_sets_the_latent_size(tmp_path, capsys):
+    """The VAE's spatial factor is the model's (its `scale_factor_spatial`), not a constant: a folder whose VAE
+    compresses 4x, with a 4x4-patch transformer, generates 32x48 video from 8x12 latents; the streamed video
+    equals the one-shot decode of those latents, and the memory plan and inspect-cache count the same grid."""
+    from diffusers import AutoencoderKLWan
+
+    from pfgen.inspect import inspect_geometry
+    from pfgen.memory import plan_memory
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[True, True], scale_factor_spatial=4).eval()
+    vae.save_pretrained(folder / "vae")
+    tiny_transformer(patch_size=(1, 4, 4)).save_pretrained(folder / "transformer")
+    tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    pipe = pfgen.load_pipeline(checkpoint=str(folder / "transformer"), wan_dir=str(folder), device="cpu",
+                               dtype="float32")
+    out = pipe("a red kite", num_frames=9, height=32, width=48, generator=torch.Generator().manual_seed(3))
+    assert out.latents.shape == (1, 16, 3, 8, 12) and out.frames.shape == (1, 9, 32, 48, 3)
+    mean, std = (torch.tensor(vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    with torch.no_grad():
+        one_shot = vae.decode(out.latents * std + mean).sample.clamp(-1, 1)
+    streamed = torch.from_numpy(out.frames).permute(0, 4, 1, 2, 3) * 2 - 1
+    torch.testing.assert_close(streamed, one_shot, atol=1e-5, rtol=1e-5)
+    assert plan_memory(pipe.config, 9, device=torch.device("cpu"), dtype=torch.float32, height=32, width=48).grid \
+        == (8, 12)
+    assert inspect_geometry(pipe.config, None, "rolling", 32, 48)[2] == (2, 3)  # tokens: 8 x 12 in 4 x 4 patches
+    out = tmp_path / "tae.mp4"  # the tiny decoder decodes the Wan2.1 VAE's 8x latents only
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", "--checkpoint", str(folder / "transformer"), "--wan-dir", str(folder), "--decoder", "tae",
+                  "--seconds", "1", "--height", "32", "--width", "48", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "compresses 4x" in err and "--decoder wan" in err and not out.exists()
+
+
 def test_original_wan_safetensors_layout_loads(tiny, tmp_path):
     """Original Wan2.1 weights: a folder of safetensors with Wan names (no diffusers config)."""
     from safetensors.torch import save_file

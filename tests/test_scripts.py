@@ -127,7 +127,7 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
                                  decoder_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
-                                 window_steps=1)
+                                 window_steps=1, vae_space=8)
     at_freeze = {}
 
     def freeze(vae):
@@ -158,9 +158,10 @@ def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
     sys.path.insert(0, str(SCRIPTS))
     import train_world
     from pfgen.wan.text import TEXT_TOKENS
+    from pfgen.world.model import WORLD_TRANSFORMER
 
     torch.manual_seed(0)
-    trained, text = train_world.build_dit()
+    trained, text = train_world.build_dit(WORLD_TRANSFORMER)
     train_world.training_attention(trained)
     plain = copy.deepcopy(trained)
     for block in plain.blocks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pfgen.errors import PfgenError
 from pfgen.wan.checkpoint import fp32_pattern
 from pfgen.wan.text import PromptEncoder
 
@@ -55,10 +56,17 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     return transformer, vae, load_prompt_encoder(model_cfg.wan_dir, dtype, text_device)
 
 
-def load_decoder(model_cfg, device, dtype):
-    """The tiny decoder for `model.decoder: tae` (None for `wan`), its weights resolved by `hub.decoder_source`."""
+def load_decoder(model_cfg, vae, device, dtype):
+    """The tiny decoder for `model.decoder: tae` (None for `wan`), its weights resolved by `hub.decoder_source`;
+    it decodes latents of the Wan2.1 VAE's spatial factor only."""
     if model_cfg.decoder != "tae":
         return None
+    from pfgen.frames import WAN_VAE_SPACE, vae_space
+
+    space = vae_space(vae.config)
+    if space != WAN_VAE_SPACE:
+        raise PfgenError(f"--decoder tae decodes latents of the Wan2.1 VAE ({WAN_VAE_SPACE}x), and this model's VAE "
+                         f"compresses {space}x", "use --decoder wan")
     from pfgen.hub import decoder_source, resolve
     from pfgen.wan.tae import load_tae
 

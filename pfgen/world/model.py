@@ -25,5 +25,11 @@ WORLD_TRANSFORMER = dict(
 )
 WORLD_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=1,
                  temperal_downsample=[False, True, True])
+# A variant under test (docs/world.md): 4x spatial compression instead of 8x (latents 16x24, four times the latent
+# cells an object covers) with a 4x4 DiT patch, so the DiT still sees 24 tokens a frame and costs what it did.
+WORLD_VAE_4X = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 8], num_res_blocks=1, temperal_downsample=[True, True],
+                    scale_factor_spatial=4)
+WORLD_TRANSFORMER_4X = dict(WORLD_TRANSFORMER, patch_size=(1, 4, 4))
+ARCHITECTURES = {8: (WORLD_VAE, WORLD_TRANSFORMER), 4: (WORLD_VAE_4X, WORLD_TRANSFORMER_4X)}  # by VAE compression
 WORLD_TEXT = dict(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=32, relative_attention_max_distance=64)
