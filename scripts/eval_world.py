@@ -4,6 +4,7 @@
     python scripts/eval_world.py policies --seconds 300 --pairs 8 --out runs/eval
     python scripts/eval_world.py switch --out runs/eval      # --then 5, re-cache or not
     python scripts/eval_world.py speed                        # fps, first-frame latency
+    python scripts/eval_world.py vae --out runs/eval         # PSNR; objects kept by the VAE's round trip
 
 The shipped weights by default; `--model OUT/world --heads HEADS.json` measures another trained folder.
 
@@ -152,23 +153,55 @@ def summarize_rows(rows: list[dict]) -> dict:
     }
 
 
-def vae_psnr(pipe, clips: int = 24, frames: int = 33) -> dict:
-    """Reconstruction PSNR (dB) of the shipped VAE on held-out clips rendered by the world."""
+def round_trips(pipe, split: str = "heldout", clips: int = 24, frames: int = 33):
+    """(prompt, rendered clip, the VAE's round trip of it), both (frames, H, W, 3) uint8, for `clips` pairs."""
     import torch
 
+    from pfgen.video import to_uint8_frames
     from pfgen.world.grammar import parse
     from pfgen.world.model import HEIGHT, WIDTH
     from pfgen.world.render import WorldVideo
 
-    scores = []
     with torch.no_grad():
-        for prompt, seed in scene_pairs(clips):
+        for prompt, seed in scene_pairs(clips, split):
             video = WorldVideo(parse(prompt), seed, HEIGHT, WIDTH).frames(0, frames)
             x = torch.from_numpy(video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0)[None]
-            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            mse = float(((y - x) ** 2).mean())
-            scores.append(10 * np.log10(4.0 / mse))
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+            yield prompt, video, to_uint8_frames(y[0])
+
+
+def vae_psnr(pipe, clips: int = 24) -> dict:
+    """Reconstruction PSNR (dB) of the VAE on held-out clips rendered by the world (on the 8-bit frames)."""
+    scores = []
+    for _, video, back in round_trips(pipe, clips=clips):
+        mse = float(((back.astype(np.float64) - video) ** 2).mean())
+        scores.append(10 * np.log10(255.0 ** 2 / mse))
     return bootstrap(scores)
+
+
+def cmd_vae(args) -> dict:
+    """The VAE alone: PSNR, and what of the objects survives its round trip (the ceiling of every DiT figure),
+    per split: the share of (frame, object) pairs with a blob of the object's colour, with the right shape
+    class, and present (colour, area and shape: the scorer's test). The rendered clips themselves are scored
+    beside (the scorer's own ceiling)."""
+    from pfgen.world.grammar import parse
+    from pfgen.world.score import score_frames
+
+    pipe = load(args)
+    out = {"vae_psnr_db": vae_psnr(pipe, args.pairs)}
+    for split in ("heldout", "train"):
+        counts = {k: [] for k in ("rendered_present", "blob", "shape", "present")}
+        for prompt, video, back in round_trips(pipe, split, args.pairs):
+            scene = parse(prompt)
+            truth, got = score_frames(video, scene), score_frames(back, scene)
+            wanted = np.array([[t.shape for t in scene.things]] * len(back))
+            shapes = np.array(got.shapes, dtype=object)
+            counts["rendered_present"].append(truth.present.mean())
+            counts["blob"].append(np.mean(shapes != None))  # noqa: E711 (elementwise)
+            counts["shape"].append(np.mean(shapes == wanted))
+            counts["present"].append(got.present.mean())
+        out[split] = {k: bootstrap(v) for k, v in counts.items()}
+    return out
 
 
 def cmd_targets(args) -> dict:
@@ -294,7 +327,7 @@ def cmd_speed(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("targets", "policies", "switch", "speed"))
+    parser.add_argument("command", choices=("targets", "policies", "switch", "speed", "vae"))
     parser.add_argument("--model", type=Path, default=None,
                         help="train_world.py's OUT/world folder (default: the shipped weights)")
     parser.add_argument("--heads", type=Path, default=None, help="with --model: its head-type file (pyramid)")
@@ -312,7 +345,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seconds is None:
         args.seconds = 10.0 if args.command in ("switch", "speed") else 60.0
-    result = {"targets": cmd_targets, "policies": cmd_policies, "switch": cmd_switch, "speed": cmd_speed}[
+    result = {"targets": cmd_targets, "policies": cmd_policies, "switch": cmd_switch, "speed": cmd_speed,
+              "vae": cmd_vae}[
         args.command](args)
     text = json.dumps(result, indent=1)
     if args.out is not None:

@@ -1,6 +1,7 @@
 """The benchmark scripts at the tiny shape: they run, and their JSON has the fields the docs rely on."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,38 @@ def test_eval_world_rows_count_every_frame():
     assert row["frames"] == 100
     assert len(row["per_second"]["world_objects"]) == 6
     assert row["first_10s"]["objects"] == [1.0] and row["first_10s"]["background"] == 1.0
+
+
+def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
+    """eval_world vae against planted VAEs: one that lifts every pixel by 0.01 (1.275 8-bit levels, so 1 after
+    rounding: PSNR exactly 20 log10 255 = 48.13 dB, and every object is kept as rendered), and one that paints
+    every frame its top-left pixel's colour (no object survives)."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import eval_world
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+    def planted(decode):
+        def encode(x):
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: x))
+
+        return types.SimpleNamespace(vae=types.SimpleNamespace(
+            encode=encode, decode=lambda z: types.SimpleNamespace(sample=decode(z))))
+
+    args = types.SimpleNamespace(pairs=3)
+    monkeypatch.setattr(eval_world, "load", lambda _: planted(lambda z: z + 0.01))
+    lifted = eval_world.cmd_vae(args)
+    assert abs(lifted["vae_psnr_db"]["mean"] - 20 * math.log10(255)) < 1e-9
+    for split in ("heldout", "train"):
+        kept = lifted[split]
+        assert kept["rendered_present"]["mean"] > 0.9
+        assert kept["present"]["mean"] == kept["shape"]["mean"] == kept["rendered_present"]["mean"]
+    monkeypatch.setattr(eval_world, "load", lambda _: planted(lambda z: z[..., :1, :1].expand_as(z)))
+    flat = eval_world.cmd_vae(args)
+    assert all(flat[split][k]["mean"] == 0 for split in ("heldout", "train") for k in ("blob", "shape", "present"))
+    assert all(flat[split]["rendered_present"]["mean"] > 0.9 for split in ("heldout", "train"))
