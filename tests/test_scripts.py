@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
@@ -46,11 +48,13 @@ def test_bench_profile_tiny(tmp_path):
     assert report["latent_frames"] == 12 and report["plain_s"] > 0 and report["capture_s"] > 0
 
 
-def test_train_world_smoke_runs_every_stage_and_its_folder_generates(tmp_path):
-    """scripts/train_world.py --smoke: VAE, latents, DiT, export; the folder loads through the real-weights path."""
+@pytest.mark.parametrize("space", [8, 4])
+def test_train_world_smoke_runs_every_stage_and_its_folder_generates(tmp_path, space):
+    """scripts/train_world.py --smoke: VAE, latents, DiT, export; the folder loads through the real-weights path
+    (the shipped architecture, and the variant with a 4x VAE and a 4x4 patch)."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, str(SCRIPTS / "train_world.py"), "--out", str(out), "--smoke",
-                             "--threads", "1"], capture_output=True, text=True, timeout=600)
+                             "--vae-space", str(space), "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     stages = {json.loads(line)["stage"] for line in (out / "log.jsonl").read_text().splitlines()}
     assert stages == {"vae", "dit", "done"}
