@@ -170,10 +170,9 @@ def inspect_geometry(cfg, heads_file, policy: str | None, height: int, width: in
     memory plan reads it (config or tensor shapes on disk; the Wan2.1-1.3B shape for weights not on disk).
     """
     from pfgen.config import check_video_size
+    from pfgen.frames import latent_grid, vae_space
     from pfgen.heads import head_type_rows, head_type_source
     from pfgen.memory import architectures
-
-    from pfgen.frames import latent_grid, vae_space
 
     arch, _, vae, _ = architectures(cfg.model)
     layers, n_heads, head_dim = arch["num_layers"], arch["num_attention_heads"], arch["attention_head_dim"]
