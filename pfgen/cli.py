@@ -323,10 +323,10 @@ def _run_generate(cfg, output, num_frames, seed, heads, height, width, save_late
     types = pipe.head_types(cfg.cache.policy, heads)  # head types for another model fail before any output exists
     if story["resume"] is not None:
         story["resume"].check_model(pipe, types)
-    if cfg.model.checkpoint is None:
-        from pfgen.wan.tiny import NOISE_NOTE
+    from pfgen.wan.tiny import noise_note
 
-        console.print(NOISE_NOTE, soft_wrap=True)
+    if note := noise_note(cfg.model):
+        console.print(note, soft_wrap=True)
     files = FrameFiles(*files) if any(f is not None for f in files) else None
     try:
         with chunk_progress(console, cfg.video.fps) as on_chunk:

@@ -56,10 +56,10 @@ def _generate_jobs(cfg: Config, req: BatchRequest, jobs: list[Job], ranks: Ranks
         pipe = load_pipeline(cfg)
     for job in {job.policy: job for job in jobs}.values():
         pipe.head_types(job.policy, job.heads)  # head types that do not fit the model fail before any output
-    if cfg.model.checkpoint is None and ranks.rank == 0:
-        from pfgen.wan.tiny import NOISE_NOTE
+    from pfgen.wan.tiny import noise_note
 
-        console.print(NOISE_NOTE, soft_wrap=True)
+    if (note := noise_note(cfg.model)) and ranks.rank == 0:
+        console.print(note, soft_wrap=True)
     part = req.output_dir / f".manifest.rank{ranks.rank}.jsonl"
     prefix = f"rank {ranks.rank} " if ranks.world > 1 else ""
     with _chunk_bar(console, live=ranks.world == 1) as on_chunk:

@@ -10,6 +10,12 @@ from __future__ import annotations
 NOISE_NOTE = ("[yellow]note:[/] model 'random' has random weights: the video is noise (the embedded default, "
               "config tiny, is a trained model)")
 
+
+def noise_note(model_cfg) -> str | None:
+    """NOISE_NOTE where a resolved ModelConfig is this random-weight model (no checkpoint: pfgen.config names the
+    embedded world model's weights for `tiny`), else None."""
+    return NOISE_NOTE if model_cfg.checkpoint is None else None
+
 # The architectures are plain data (torch-free), so that inspect-cache and the memory plan read them without
 # importing torch.
 TINY_TRANSFORMER = dict(
