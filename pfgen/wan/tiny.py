@@ -16,6 +16,7 @@ def noise_note(model_cfg) -> str | None:
     embedded world model's weights for `tiny`), else None."""
     return NOISE_NOTE if model_cfg.checkpoint is None else None
 
+
 # The architectures are plain data (torch-free), so that inspect-cache and the memory plan read them without
 # importing torch.
 TINY_TRANSFORMER = dict(
