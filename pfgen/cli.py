@@ -358,7 +358,7 @@ def _check_model_options(cfg, *, heads, wan_dir, num_heads, text_encoder_device,
     """Options that would do nothing: refused when the run cannot be what was asked, else one warning line."""
     from pfgen.world.model import RANDOM, is_embedded
 
-    built_in = cfg.model.checkpoint is None  # the random-weight test model, built in code
+    built_in = cfg.model.random_weights
     if built_in and cfg.model.name != RANDOM:
         raise PfgenError(f"config '{cfg.model.name}' needs real weights",
                          "pass --checkpoint and --wan-dir (see README, Real weights), or drop --config for the "
@@ -580,7 +580,7 @@ def download(
     cfg = _load_config(config, checkpoint=checkpoint, wan_dir=wan_dir, decoder=decoder)
     from pfgen.world.model import is_embedded
 
-    if cfg.model.checkpoint is None or is_embedded(cfg.model):
+    if cfg.model.random_weights or is_embedded(cfg.model):
         raise PfgenError("this config uses the embedded model: nothing to download",
                          "give --config self-forcing (or another real-weight config)")
     with hub_output(verbose):

@@ -66,6 +66,12 @@ class ModelConfig:
             if self.wan_dir is None:
                 object.__setattr__(self, "wan_dir", str(WORLD_WEIGHTS))
 
+    @property
+    def random_weights(self) -> bool:
+        """The random-weight model the tests build in code (pfgen.wan.tiny): the one config with no checkpoint
+        once __post_init__ has named the embedded world model's."""
+        return self.checkpoint is None
+
 
 @dataclass(frozen=True)
 class SamplingConfig:

@@ -71,7 +71,7 @@ class MemoryPlan:
 # -- architectures ---------------------------------------------------------------------------------------------
 def architectures(model_cfg) -> tuple[dict, dict, dict, dict]:
     """(transformer, text encoder, VAE) configs and where each came from; reads metadata only."""
-    if model_cfg.checkpoint is None:
+    if model_cfg.random_weights:
         from pfgen.wan.tiny import TINY_TEXT, TINY_TRANSFORMER, TINY_VAE
 
         return TINY_TRANSFORMER, TINY_TEXT, TINY_VAE, dict(transformer="random test model",

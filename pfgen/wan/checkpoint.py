@@ -199,7 +199,7 @@ def build_strict(config: dict, state: dict, dtype: torch.dtype):
 
 
 def load_transformer(model_cfg, dtype: torch.dtype):
-    if model_cfg.checkpoint is None:
+    if model_cfg.random_weights:
         raise PfgenError("no checkpoint given")
     from pfgen.wan.lora import merge_loras
 

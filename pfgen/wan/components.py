@@ -31,7 +31,7 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     text_device = torch.device(model_cfg.text_encoder_device) if model_cfg.text_encoder_device else \
         home_device(offload, "text_encoder", device)
     dit_device, vae_device = home_device(offload, "transformer", device), home_device(offload, "vae", device)
-    if model_cfg.checkpoint is None:
+    if model_cfg.random_weights:
         from pfgen.wan.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 
         transformer = tiny_transformer()

@@ -12,9 +12,8 @@ NOISE_NOTE = ("[yellow]note:[/] model 'random' has random weights: the video is 
 
 
 def noise_note(model_cfg) -> str | None:
-    """NOISE_NOTE where a resolved ModelConfig is this random-weight model (no checkpoint: pfgen.config names the
-    embedded world model's weights for `tiny`), else None."""
-    return NOISE_NOTE if model_cfg.checkpoint is None else None
+    """NOISE_NOTE where a ModelConfig is this random-weight model, else None."""
+    return NOISE_NOTE if model_cfg.random_weights else None
 
 
 # The architectures are plain data (torch-free), so that inspect-cache and the memory plan read them without
