@@ -8,7 +8,9 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             clips half of them randomly recoloured (colours beyond the training scenes'), then the same
             with object pixels weighted 20x (without it the objects came back as grey-blue smudges that
             the scorer found in 0 % of frames), then the decoder alone on unrecoloured clips, still weighted
-            (the encoder frozen: the latent space is fixed from here); loss L1 + MSE + a small KL.
+            (the encoder frozen: the latent space is fixed from here), then the decoder alone on 32x32 crops
+            centred on an object (12 crops of 13 frames a step: the pixels of 2 whole clips, most of them
+            object and edge; whole frames drew every object as a disc); loss L1 + MSE + a small KL.
             Its convolutions are frame-wise (the taps on earlier frames are zero; only the temporal
             resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
             with full causal kernels, trained on short clips, breaks down past the clip length it was trained
@@ -77,6 +79,8 @@ FIRST_CHUNK_SHARE = (3, 4)
 SIGMA_SHIFT = 3.0  # the warp of sample_sigmas' uniform half
 PROBE_EVERY = 1000  # DiT steps between dit_probe's figures in the log
 OBJECT_WEIGHT = 20.0  # loss weight of object pixels in the VAE's object phase (objects are ~3 % of pixels)
+CROP = 32  # px, the side of the crop phase's object-centred crops
+CROP_JITTER = 4  # px, the most a crop's centre strays from its objects'
 
 
 class Run:
@@ -88,6 +92,7 @@ class Run:
         self.recolour_steps = 4 if args.smoke else args.recolour_steps
         self.object_steps = 4 if args.smoke else args.object_steps
         self.decoder_steps = 4 if args.smoke else args.decoder_steps
+        self.crop_steps = 4 if args.smoke else args.crop_steps
         self.pool = 4 if args.smoke else args.pool
         self.clip_latents = 9 if args.smoke else CLIP_LATENTS
         self.text_steps = 4 if args.smoke else args.text_steps
@@ -134,9 +139,11 @@ def save_checkpoint(path: Path, **state) -> None:
 
 def vae_phase(run: Run, step: int) -> tuple[int, int, int, int]:
     """(clips, frames, height, width) of a VAE step: single frames first (the spatial code, cheaply), then
-    13-frame clips (4 latent frames: the temporal resampling in its steady state)."""
+    13-frame clips (4 latent frames: the temporal resampling in its steady state), last object-centred crops."""
     if step / run.vae_steps < 0.3:
         return 12, 1, HEIGHT, WIDTH
+    if step >= vae_phase_starts(run)[3]:
+        return 12, 13, CROP, CROP
     return 2, 13, HEIGHT, WIDTH
 
 
@@ -149,22 +156,35 @@ def recolour(rng, clip: np.ndarray) -> np.ndarray:
     return np.clip(clip[rng.permutation(3)] * gain + shift, -1.0, 1.0)
 
 
+def object_crop(rng, objects: np.ndarray, size: int) -> tuple[int, int]:
+    """The top-left corner of a size x size crop centred (within CROP_JITTER px) on the objects of the middle
+    frame of a (T, H, W) mask, kept inside the frame; the frame's centre when no object is there."""
+    ys, xs = np.nonzero(objects[len(objects) // 2])
+    cy, cx = (int(ys.mean()), int(xs.mean())) if len(ys) else (HEIGHT // 2, WIDTH // 2)
+    jy, jx = rng.integers(-CROP_JITTER, CROP_JITTER + 1, size=2)
+    return int(np.clip(cy - size // 2 + jy, 0, HEIGHT - size)), int(np.clip(cx - size // 2 + jx, 0, WIDTH - size))
+
+
 def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips (B, 3, T, H, W) and their per-pixel loss weights (B, 1, T, H, W): 1, and OBJECT_WEIGHT on the
-    objects in the object phase."""
+    objects from the object phase on."""
     rng = run.rng(1, step)
     count, frames, h, w = vae_phase(run, step)
+    recolour_from, objects_from, decoder_from, crops_from = vae_phase_starts(run)
     clips, weights = [], []
     for _ in range(count):
         scene = sample_scene(rng)
         start = int(rng.integers(0, 64))
         world = WorldVideo(scene, int(rng.integers(1 << 31)), HEIGHT, WIDTH)
         video = world.frames(start, frames)
-        y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
+        objects = on_objects(world, video)
+        if step >= crops_from:
+            y, x = object_crop(rng, objects, h)
+        else:
+            y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
         clip = video[:, y:y + h, x:x + w].transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0
-        recolour_from, objects_from, decoder_from = vae_phase_starts(run)
         clips.append(recolour(rng, clip) if recolour_from <= step < decoder_from and rng.random() < 0.5 else clip)
-        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * on_objects(world, video) if step >= objects_from else 1.0
+        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * objects if step >= objects_from else 1.0
         weights.append(np.broadcast_to(weight, video.shape[:3])[None, :, y:y + h, x:x + w])
     return torch.from_numpy(np.stack(clips).astype(np.float32)), torch.from_numpy(np.stack(weights).astype(np.float32))
 
@@ -240,10 +260,11 @@ def vae_heldout(vae, run: Run, clips: int = 8, frames: int = 33) -> dict:
             "heldout_objects_found": round(float(np.mean(present)), 3)}
 
 
-def vae_phase_starts(run: Run) -> tuple[int, int, int]:
-    """The steps where the recolouring, object and decoder phases begin (each with a fresh optimiser)."""
+def vae_phase_starts(run: Run) -> tuple[int, int, int, int]:
+    """The steps where the recolouring, object, decoder and crop phases begin (each with a fresh optimiser)."""
     objects = run.vae_steps + run.recolour_steps
-    return run.vae_steps, objects, objects + run.object_steps
+    decoder = objects + run.object_steps
+    return run.vae_steps, objects, decoder, decoder + run.decoder_steps
 
 
 def freeze_encoder(vae) -> None:
@@ -253,16 +274,18 @@ def freeze_encoder(vae) -> None:
 
 
 def vae_lr(run: Run, step: int) -> float:
-    """Warm-up and cosine decay, peak 1e-3; the recolouring, object and decoder phases restart at 3e-4."""
-    recolour, objects, decoder = vae_phase_starts(run)
+    """Warm-up and cosine decay, peak 1e-3; the recolouring, object, decoder and crop phases restart at 3e-4."""
+    recolour, objects, decoder, crops = vae_phase_starts(run)
     if step < recolour:
         peak, warm, at, length = 1e-3, 50, step, run.vae_steps
     elif step < objects:
         peak, warm, at, length = 3e-4, 20, step - recolour, run.recolour_steps
     elif step < decoder:
         peak, warm, at, length = 3e-4, 20, step - objects, run.object_steps
-    else:
+    elif step < crops:
         peak, warm, at, length = 3e-4, 20, step - decoder, run.decoder_steps
+    else:
+        peak, warm, at, length = 3e-4, 20, step - crops, run.crop_steps
     return peak * min(1.0, (at + 1) / warm) * 0.5 * (1 + math.cos(math.pi * at / length)) + 2e-5
 
 
@@ -280,7 +303,8 @@ def train_vae(run: Run):
         trainable = [p for p in vae.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
 
-    step, ckpt, decoder_from = 0, run.out / "ckpt-vae.pt", vae_phase_starts(run)[2]
+    step, ckpt = 0, run.out / "ckpt-vae.pt"
+    decoder_from, crops_from = vae_phase_starts(run)[2:]
     state = torch.load(ckpt) if ckpt.exists() else None
     if state is not None:
         vae.load_state_dict(state["vae"])
@@ -291,7 +315,7 @@ def train_vae(run: Run):
     if state is not None:
         opt.load_state_dict(state["opt"])
     last = time.time()
-    while step < decoder_from + run.decoder_steps:
+    while step < crops_from + run.crop_steps:
         if step in vae_phase_starts(run):
             if step == decoder_from:
                 freeze_encoder(vae)
@@ -690,6 +714,9 @@ def main(argv=None) -> None:
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
     parser.add_argument("--decoder-steps", type=int, default=1000,
                         help="VAE steps on the decoder alone (encoder frozen), after --object-steps")
+    parser.add_argument("--crop-steps", type=int, default=0,
+                        help=f"VAE steps on the decoder alone on {CROP}x{CROP} crops centred on an object, after "
+                             "--decoder-steps")
     parser.add_argument("--pool", type=int, default=500, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
     parser.add_argument("--dit-steps", type=int, default=0,

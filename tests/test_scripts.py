@@ -121,8 +121,9 @@ def test_bench_decoders_tiny(tmp_path):
 
 
 def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch):
-    """The VAE's last phase trains the decoder alone: the encoder at its end is the one the phase started with
-    (so the latent pool and the DiT do not depend on it), and the decoder did train."""
+    """The VAE's last two phases (whole clips, then object crops) train the decoder alone: the encoder at their
+    end is the one the decoder phase started with (so the latent pool and the DiT do not depend on them), and
+    the decoder did train."""
     import types
 
     import torch
@@ -131,7 +132,7 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
     import train_world
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
-                                 decoder_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
+                                 decoder_steps=2, crop_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
                                  window_steps=1, vae_space=8)
     at_freeze = {}
 
@@ -148,6 +149,33 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
     assert encoder and all(torch.equal(final[k], at_freeze[k]) for k in encoder)
     assert any(not torch.equal(final[k], at_freeze[k]) for k in decoder)
 
+
+
+def test_train_world_crops_hold_the_objects(tmp_path):
+    """The crop phase's clips are 32x32 cuts centred on the objects (before it, whole frames): nearly every crop
+    holds object pixels, and many more of them than a whole frame's 3-7 %."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    import train_world
+
+    args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=0, object_steps=0,
+                                 decoder_steps=0, crop_steps=10, pool=1, text_steps=1, dit_steps=0, dit_batch=1,
+                                 window_steps=1, vae_space=8)
+    run = train_world.Run(args)
+    crops_from = train_world.vae_phase_starts(run)[3]
+    whole, _ = train_world.vae_batch(run, crops_from - 1)
+    assert whole.shape[-2:] == (train_world.HEIGHT, train_world.WIDTH)
+    shares = []
+    for step in range(crops_from, crops_from + 10):
+        clips, weights = train_world.vae_batch(run, step)
+        assert clips.shape == (12, 3, 13, 32, 32) and weights.shape == (12, 1, 13, 32, 32)
+        objects = weights[:, 0, 6] > 1  # the middle frame, which the crop is centred on
+        shares.append(objects.flatten(1).float().mean(1))
+    shares = torch.cat(shares)
+    assert (shares > 0).float().mean() > 0.9 and shares.median() > 0.12  # random 32x32 cuts: 0.54 and 0.01
 
 
 def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
