@@ -7,10 +7,11 @@ Stages, each resumable from checkpoints written every few minutes into --out:
 1. vae:     AutoencoderKLWan, He-initialised; single frames first, then 13-frame clips, then 13-frame
             clips half of them randomly recoloured (colours beyond the training scenes'), then the same
             with object pixels weighted 20x (without it the objects came back as grey-blue smudges that
-            the scorer found in 0 % of frames), then the decoder alone on unrecoloured clips, still weighted
-            (the encoder frozen: the latent space is fixed from here), then the decoder alone on 32x32 crops
+            the scorer found in 0 % of frames), then (--crop-steps, off by default) the same on 32x32 crops
             centred on an object (12 crops of 13 frames a step: the pixels of 2 whole clips, most of them
-            object and edge; whole frames drew every object as a disc); loss L1 + MSE + a small KL.
+            object and edge; whole frames teach it to draw every object as a disc), then the decoder alone on
+            unrecoloured whole clips, still weighted (the encoder frozen: the latent space is fixed from
+            here); loss L1 + MSE + a small KL.
             Its convolutions are frame-wise (the taps on earlier frames are zero; only the temporal
             resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
             with full causal kernels, trained on short clips, breaks down past the clip length it was trained
@@ -91,8 +92,8 @@ class Run:
         self.vae_steps = 6 if args.smoke else args.vae_steps
         self.recolour_steps = 4 if args.smoke else args.recolour_steps
         self.object_steps = 4 if args.smoke else args.object_steps
-        self.decoder_steps = 4 if args.smoke else args.decoder_steps
         self.crop_steps = 4 if args.smoke else args.crop_steps
+        self.decoder_steps = 4 if args.smoke else args.decoder_steps
         self.pool = 4 if args.smoke else args.pool
         self.clip_latents = 9 if args.smoke else CLIP_LATENTS
         self.text_steps = 4 if args.smoke else args.text_steps
@@ -139,10 +140,12 @@ def save_checkpoint(path: Path, **state) -> None:
 
 def vae_phase(run: Run, step: int) -> tuple[int, int, int, int]:
     """(clips, frames, height, width) of a VAE step: single frames first (the spatial code, cheaply), then
-    13-frame clips (4 latent frames: the temporal resampling in its steady state), last object-centred crops."""
+    13-frame clips (4 latent frames: the temporal resampling in its steady state); object-centred crops in the
+    crop phase."""
     if step / run.vae_steps < 0.3:
         return 12, 1, HEIGHT, WIDTH
-    if step >= vae_phase_starts(run)[3]:
+    _, _, crops_from, decoder_from = vae_phase_starts(run)
+    if crops_from <= step < decoder_from:
         return 12, 13, CROP, CROP
     return 2, 13, HEIGHT, WIDTH
 
@@ -170,7 +173,7 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     objects from the object phase on."""
     rng = run.rng(1, step)
     count, frames, h, w = vae_phase(run, step)
-    recolour_from, objects_from, decoder_from, crops_from = vae_phase_starts(run)
+    recolour_from, objects_from, crops_from, decoder_from = vae_phase_starts(run)
     clips, weights = [], []
     for _ in range(count):
         scene = sample_scene(rng)
@@ -178,7 +181,7 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         world = WorldVideo(scene, int(rng.integers(1 << 31)), HEIGHT, WIDTH)
         video = world.frames(start, frames)
         objects = on_objects(world, video)
-        if step >= crops_from:
+        if crops_from <= step < decoder_from:
             y, x = object_crop(rng, objects, h)
         else:
             y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
@@ -261,10 +264,10 @@ def vae_heldout(vae, run: Run, clips: int = 8, frames: int = 33) -> dict:
 
 
 def vae_phase_starts(run: Run) -> tuple[int, int, int, int]:
-    """The steps where the recolouring, object, decoder and crop phases begin (each with a fresh optimiser)."""
+    """The steps where the recolouring, object, crop and decoder phases begin (each with a fresh optimiser)."""
     objects = run.vae_steps + run.recolour_steps
-    decoder = objects + run.object_steps
-    return run.vae_steps, objects, decoder, decoder + run.decoder_steps
+    crops = objects + run.object_steps
+    return run.vae_steps, objects, crops, crops + run.crop_steps
 
 
 def freeze_encoder(vae) -> None:
@@ -274,18 +277,18 @@ def freeze_encoder(vae) -> None:
 
 
 def vae_lr(run: Run, step: int) -> float:
-    """Warm-up and cosine decay, peak 1e-3; the recolouring, object, decoder and crop phases restart at 3e-4."""
-    recolour, objects, decoder, crops = vae_phase_starts(run)
+    """Warm-up and cosine decay, peak 1e-3; the recolouring, object, crop and decoder phases restart at 3e-4."""
+    recolour, objects, crops, decoder = vae_phase_starts(run)
     if step < recolour:
         peak, warm, at, length = 1e-3, 50, step, run.vae_steps
     elif step < objects:
         peak, warm, at, length = 3e-4, 20, step - recolour, run.recolour_steps
-    elif step < decoder:
-        peak, warm, at, length = 3e-4, 20, step - objects, run.object_steps
     elif step < crops:
-        peak, warm, at, length = 3e-4, 20, step - decoder, run.decoder_steps
-    else:
+        peak, warm, at, length = 3e-4, 20, step - objects, run.object_steps
+    elif step < decoder:
         peak, warm, at, length = 3e-4, 20, step - crops, run.crop_steps
+    else:
+        peak, warm, at, length = 3e-4, 20, step - decoder, run.decoder_steps
     return peak * min(1.0, (at + 1) / warm) * 0.5 * (1 + math.cos(math.pi * at / length)) + 2e-5
 
 
@@ -304,7 +307,7 @@ def train_vae(run: Run):
         return torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
 
     step, ckpt = 0, run.out / "ckpt-vae.pt"
-    decoder_from, crops_from = vae_phase_starts(run)[2:]
+    decoder_from = vae_phase_starts(run)[3]
     state = torch.load(ckpt) if ckpt.exists() else None
     if state is not None:
         vae.load_state_dict(state["vae"])
@@ -315,7 +318,7 @@ def train_vae(run: Run):
     if state is not None:
         opt.load_state_dict(state["opt"])
     last = time.time()
-    while step < crops_from + run.crop_steps:
+    while step < decoder_from + run.decoder_steps:
         if step in vae_phase_starts(run):
             if step == decoder_from:
                 freeze_encoder(vae)
@@ -712,11 +715,10 @@ def main(argv=None) -> None:
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
     parser.add_argument("--object-steps", type=int, default=800,
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
-    parser.add_argument("--decoder-steps", type=int, default=1000,
-                        help="VAE steps on the decoder alone (encoder frozen), after --object-steps")
     parser.add_argument("--crop-steps", type=int, default=0,
-                        help=f"VAE steps on the decoder alone on {CROP}x{CROP} crops centred on an object, after "
-                             "--decoder-steps")
+                        help=f"VAE steps on {CROP}x{CROP} crops centred on an object, after --object-steps")
+    parser.add_argument("--decoder-steps", type=int, default=1000,
+                        help="VAE steps on the decoder alone (encoder frozen), after --crop-steps")
     parser.add_argument("--pool", type=int, default=500, help="training clips encoded for the DiT stage")
     parser.add_argument("--text-steps", type=int, default=600, help="DiT steps on the first chunk alone, first")
     parser.add_argument("--dit-steps", type=int, default=0,

@@ -121,9 +121,8 @@ def test_bench_decoders_tiny(tmp_path):
 
 
 def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch):
-    """The VAE's last two phases (whole clips, then object crops) train the decoder alone: the encoder at their
-    end is the one the decoder phase started with (so the latent pool and the DiT do not depend on them), and
-    the decoder did train."""
+    """The VAE's last phase trains the decoder alone: the encoder at its end is the one the phase started with
+    (so the latent pool and the DiT do not depend on it), and the decoder did train."""
     import types
 
     import torch
@@ -152,8 +151,8 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
 
 
 def test_train_world_crops_hold_the_objects(tmp_path):
-    """The crop phase's clips are 32x32 cuts centred on the objects (before it, whole frames): nearly every crop
-    holds object pixels, and many more of them than a whole frame's 3-7 %."""
+    """The crop phase's clips are 32x32 cuts centred on the objects (whole frames before and after it): nearly
+    every crop holds object pixels, and many more of them than a whole frame's 3-7 %."""
     import types
 
     import torch
@@ -162,12 +161,12 @@ def test_train_world_crops_hold_the_objects(tmp_path):
     import train_world
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=0, object_steps=0,
-                                 decoder_steps=0, crop_steps=10, pool=1, text_steps=1, dit_steps=0, dit_batch=1,
+                                 crop_steps=10, decoder_steps=1, pool=1, text_steps=1, dit_steps=0, dit_batch=1,
                                  window_steps=1, vae_space=8)
     run = train_world.Run(args)
-    crops_from = train_world.vae_phase_starts(run)[3]
-    whole, _ = train_world.vae_batch(run, crops_from - 1)
-    assert whole.shape[-2:] == (train_world.HEIGHT, train_world.WIDTH)
+    _, _, crops_from, decoder_from = train_world.vae_phase_starts(run)
+    for whole in (crops_from - 1, decoder_from):
+        assert train_world.vae_batch(run, whole)[0].shape[-2:] == (train_world.HEIGHT, train_world.WIDTH)
     shares = []
     for step in range(crops_from, crops_from + 10):
         clips, weights = train_world.vae_batch(run, step)
