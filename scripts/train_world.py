@@ -144,8 +144,7 @@ def vae_phase(run: Run, step: int) -> tuple[int, int, int, int]:
     crop phase."""
     if step / run.vae_steps < 0.3:
         return 12, 1, HEIGHT, WIDTH
-    _, _, crops_from, decoder_from = vae_phase_starts(run)
-    if crops_from <= step < decoder_from:
+    if in_crop_phase(run, step):
         return 12, 13, CROP, CROP
     return 2, 13, HEIGHT, WIDTH
 
@@ -173,7 +172,7 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     objects from the object phase on."""
     rng = run.rng(1, step)
     count, frames, h, w = vae_phase(run, step)
-    recolour_from, objects_from, crops_from, decoder_from = vae_phase_starts(run)
+    recolour_from, objects_from, _, decoder_from = vae_phase_starts(run)
     clips, weights = [], []
     for _ in range(count):
         scene = sample_scene(rng)
@@ -181,7 +180,7 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         world = WorldVideo(scene, int(rng.integers(1 << 31)), HEIGHT, WIDTH)
         video = world.frames(start, frames)
         objects = on_objects(world, video)
-        if crops_from <= step < decoder_from:
+        if in_crop_phase(run, step):
             y, x = object_crop(rng, objects, h)
         else:
             y, x = int(rng.integers(0, HEIGHT - h + 1)), int(rng.integers(0, WIDTH - w + 1))
@@ -268,6 +267,11 @@ def vae_phase_starts(run: Run) -> tuple[int, int, int, int]:
     objects = run.vae_steps + run.recolour_steps
     crops = objects + run.object_steps
     return run.vae_steps, objects, crops, crops + run.crop_steps
+
+
+def in_crop_phase(run: Run, step: int) -> bool:
+    _, _, crops, decoder = vae_phase_starts(run)
+    return crops <= step < decoder
 
 
 def freeze_encoder(vae) -> None:
