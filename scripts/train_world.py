@@ -1,15 +1,16 @@
 """Train the world model from scratch on 2 CPU cores: VAE, then latents, then DiT + text encoder.
 
-    python scripts/train_world.py --out runs/world            # the world model (resumable)
+    python scripts/train_world.py --out runs/world            # the shipped weights, ~170 min (resumable)
     python scripts/train_world.py --out /tmp/w --smoke        # every stage for a few steps (CI)
 
 Stages, each resumable from checkpoints written every few minutes into --out:
 1. vae:     AutoencoderKLWan, He-initialised; single frames first, then 13-frame clips, then 13-frame
-            clips half of them randomly recoloured (colours beyond the training scenes'), then the same
-            with object pixels weighted 20x (without it the objects came back as grey-blue smudges that
-            the scorer found in 0 % of frames), then (--crop-steps, off by default) the same on 32x32 crops
-            centred on an object (12 crops of 13 frames a step: the pixels of 2 whole clips, most of them
-            object and edge; whole frames teach it to draw every object as a disc), then the decoder alone on
+            clips half of them randomly recoloured (colours beyond the training scenes'), then (--object-steps,
+            off by default: the crops below took its place in the shipped recipe) the same with object pixels
+            weighted 20x (without any object weight the objects came back as grey-blue smudges that the scorer
+            found in 0 % of frames), then the same on 32x32 crops centred on an object (--crop-steps; 12 crops
+            of 13 frames a step: the pixels of 2 whole clips, most of them object and edge; whole frames teach
+            it to draw every object as a disc), then the decoder alone on
             unrecoloured whole clips, still weighted (the encoder frozen: the latent space is fixed from
             here); loss L1 + MSE + a small KL.
             Its convolutions are frame-wise (the taps on earlier frames are zero; only the temporal
@@ -717,9 +718,9 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="every stage for a few steps")
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
-    parser.add_argument("--object-steps", type=int, default=800,
+    parser.add_argument("--object-steps", type=int, default=0,
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
-    parser.add_argument("--crop-steps", type=int, default=0,
+    parser.add_argument("--crop-steps", type=int, default=1500,
                         help=f"VAE steps on {CROP}x{CROP} crops centred on an object, after --object-steps")
     parser.add_argument("--decoder-steps", type=int, default=1000,
                         help="VAE steps on the decoder alone (encoder frozen), after --crop-steps")
@@ -728,7 +729,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dit-steps", type=int, default=0,
                         help="DiT steps on whole clips, after --text-steps (the shipped run had none)")
     parser.add_argument("--dit-batch", type=int, default=2)
-    parser.add_argument("--window-steps", type=int, default=29350,
+    parser.add_argument("--window-steps", type=int, default=26000,
                         help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
     parser.add_argument("--vae-space", type=int, choices=sorted(ARCHITECTURES), default=8,
                         help="the VAE's spatial compression: 8 (the shipped model) or 4 (with a 4x4 DiT patch)")
