@@ -33,7 +33,7 @@ from pfgen.wan.processors import make_causal
 from pfgen.wan.tae import TaeStreamingDecoder
 from pfgen.wan.text import PromptEncoder
 from pfgen.world.grammar import vocabulary_warning
-from pfgen.world.model import is_embedded
+from pfgen.world.model import is_world
 
 
 
@@ -113,8 +113,8 @@ class Pipeline:
         self._cache_key = None
         self._head_order = [list(range(self.heads)) for _ in range(self.layers)]  # original head per slot
         self.policy, self.original_head_types = None, None  # of the current cache
-        # The embedded world model knows only its grammar's words: each prompt with others is warned about once.
-        self._seen_prompts = set() if is_embedded(config.model) else None
+        # A world model knows only its grammar's words: each prompt with others is warned about once.
+        self._seen_prompts = set() if is_world(config.model) else None
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property

@@ -63,3 +63,32 @@ def test_words_outside_the_grammar_are_warned_about_and_the_video_is_made(tmp_pa
     warnings = [line for line in (stdout + stderr).splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "'kite'" in warnings[0] and "circling" in warnings[0], stdout + stderr
     assert decoded_frames(out) == 21
+
+
+def test_a_world_folder_elsewhere_is_a_world_model(tmp_path, capsys):
+    """A folder that train_world.py wrote (here: a copy of the shipped one) gets the world's rules too: the
+    out-of-grammar warning, and profile-heads' world calibration prompts. Another transformer does not."""
+    import json
+    import shutil
+
+    from pfgen.config import load_config, with_overrides
+    from pfgen.profile.calibrate import WORLD_PROMPTS, read_prompts
+    from pfgen.world.model import WEIGHTS, is_world
+
+    folder = tmp_path / "world"
+    shutil.copytree(WEIGHTS, folder)
+    model = with_overrides(load_config("tiny"), model=dict(checkpoint=str(folder / "transformer"),
+                                                           wan_dir=str(folder))).model
+    assert is_world(model) and read_prompts(None, world=is_world(model)) == read_prompts(WORLD_PROMPTS)
+    out = tmp_path / "kite.mp4"
+    code, stdout, stderr = run_cli(["generate", "--config", "tiny", "--checkpoint", str(folder / "transformer"),
+                                    "--wan-dir", str(folder), "--prompt", "a red kite over the sea", "--seconds", "1",
+                                    "-o", str(out)], capsys)
+    assert code == 0, stderr
+    warnings = [line for line in (stdout + stderr).splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "'kite'" in warnings[0], stdout + stderr
+
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), num_layers=5)))
+    assert not is_world(model)
+    assert not is_world(load_config(None).model)  # the random test model (the suite's default, conftest.py)

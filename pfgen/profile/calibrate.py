@@ -34,7 +34,7 @@ REQUIRED_META = ("layers", "heads", "frames", "window", "sink")
 
 def read_prompts(path: str | Path | None, world: bool = False) -> list[str]:
     """One prompt per line (blank lines and lines starting with # are skipped); no path: the built-in
-    prompts, world prompts for the embedded world model."""
+    prompts, world prompts for a world model."""
     path = Path(path).expanduser() if path is not None else WORLD_PROMPTS if world else DEFAULT_PROMPTS
     if not path.is_file():
         raise PfgenError(f"prompts file not found: {path}")

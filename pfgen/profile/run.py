@@ -11,7 +11,7 @@ from pfgen.outputs import check_folder_writable, check_output_path, check_output
 from pfgen.profile.calibrate import STATS_FORMAT, Statistics, calibrate, read_prompts, remove_parts
 from pfgen.profile.classify import Thresholds, agreement, classify, min_profile_frames
 from pfgen.wan.fingerprint import model_fingerprint
-from pfgen.world.model import is_embedded
+from pfgen.world.model import is_world
 
 
 @dataclass
@@ -80,7 +80,7 @@ def collect_statistics(cfg, req: ProfileRequest, progress=None) -> Statistics:
     from pfgen.frames import VAE_TIME, frames_for_seconds, latent_frames_for
     from pfgen.pipeline import load_pipeline
 
-    prompts = read_prompts(req.prompts, world=is_embedded(cfg.model))
+    prompts = read_prompts(req.prompts, world=is_world(cfg.model))
     per_chunk = cfg.sampling.frames_per_chunk
     latent = latent_frames_for(frames_for_seconds(req.seconds, cfg.video.fps), per_chunk)
     need = max(min_profile_frames(cfg.cache.rolling.sink), 2 * per_chunk)  # and a chunk that reads a cache

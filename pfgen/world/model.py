@@ -6,6 +6,7 @@ checkpoint names this folder (pfgen.config.ModelConfig), so it loads through the
 exactly as `--checkpoint WEIGHTS/transformer --wan-dir WEIGHTS` does. docs/world.md has its training and figures.
 """
 
+import json
 from pathlib import Path
 
 WEIGHTS = Path(__file__).with_name("weights")
@@ -16,6 +17,22 @@ RANDOM = "random"  # the model name of the random-weight tiny model built in cod
 def is_embedded(model_cfg) -> bool:
     """Whether a ModelConfig runs the shipped world model's transformer."""
     return model_cfg.checkpoint is not None and Path(model_cfg.checkpoint) == WEIGHTS / "transformer"
+
+
+def is_world(model_cfg) -> bool:
+    """Whether a ModelConfig runs a world model: the shipped one, or a folder that scripts/train_world.py wrote
+    (its transformer has one of ARCHITECTURES' configs). Such a model knows only the world's grammar."""
+    if is_embedded(model_cfg):
+        return True
+    if model_cfg.checkpoint is None:
+        return False
+    config = Path(model_cfg.checkpoint).expanduser() / "config.json"
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError):  # no local diffusers folder (a .pt, a Hub reference), or one the loader refuses
+        return False
+    return any(all(found.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items())
+               for _, transformer in ARCHITECTURES.values())
 
 
 HEIGHT, WIDTH = 64, 96
