@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from pfgen.errors import PfgenError
-from pfgen.world.model import EMBEDDED, WEIGHTS as WORLD_WEIGHTS, is_embedded
+from pfgen.world.model import EMBEDDED, WEIGHTS as WORLD_WEIGHTS, is_world
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"  # the embedded default: the world model
@@ -243,8 +243,8 @@ def validate(config: Config, where: str = "config", names: dict[str, str] | None
             fail(key, f"'{device}' is not a device", "use auto, cpu, cuda or cuda:N")
     if model.decoder not in DECODERS:
         fail("model.decoder", f"'{model.decoder}' is unknown", f"choose from {', '.join(DECODERS)}")
-    if model.decoder == "tae" and is_embedded(model):
-        fail("model.decoder", "tae decodes the Wan VAE's latents, not the embedded world model's",
+    if model.decoder == "tae" and is_world(model):
+        fail("model.decoder", "tae decodes the Wan VAE's latents, not a world model's",
              "drop --decoder tae: the world model's own VAE is small")
     if model.decoder_weights is not None and model.decoder != "tae":
         fail("model.decoder_weights", "is for the tae decoder", "add --decoder tae, or leave the weights out")

@@ -67,7 +67,8 @@ def test_words_outside_the_grammar_are_warned_about_and_the_video_is_made(tmp_pa
 
 def test_a_world_folder_elsewhere_is_a_world_model(tmp_path, capsys):
     """A folder that train_world.py wrote (here: a copy of the shipped one) gets the world's rules too: the
-    out-of-grammar warning, and profile-heads' world calibration prompts. Another transformer does not."""
+    out-of-grammar warning, profile-heads' world calibration prompts, no tae decoder. Another transformer does
+    not."""
     import json
     import shutil
 
@@ -87,6 +88,10 @@ def test_a_world_folder_elsewhere_is_a_world_model(tmp_path, capsys):
     assert code == 0, stderr
     warnings = [line for line in (stdout + stderr).splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "'kite'" in warnings[0], stdout + stderr
+    code, stdout, stderr = run_cli(["generate", "--config", "tiny", "--checkpoint", str(folder / "transformer"),
+                                    "--wan-dir", str(folder), "--decoder", "tae", "-o", str(tmp_path / "tae.mp4")],
+                                   capsys)
+    assert code != 0 and "tae decodes the Wan VAE's latents" in stderr and not (tmp_path / "tae.mp4").exists()
 
     config = folder / "transformer" / "config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), num_layers=5)))
