@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from pfgen.config import RollingConfig
 from pfgen.frames import video_frames_for
@@ -192,25 +194,58 @@ def vae_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(clips).astype(np.float32)), torch.from_numpy(np.stack(weights).astype(np.float32))
 
 
-def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
-    """`vae.decode` without its final clamp to [-1, 1], which would zero the gradient of every saturated pixel
-    (the same frame-by-frame causal decode otherwise)."""
-    vae.clear_cache()
-    x = vae.post_quant_conv(z)
-    frames = []
-    for i in range(x.shape[2]):
-        vae._conv_idx = [0]
-        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=i == 0))
-    vae.clear_cache()
-    return torch.cat(frames, dim=2)
+def encode_clip(vae, x: torch.Tensor) -> DiagonalGaussianDistribution:
+    """`vae.encode(x).latent_dist` of whole clips in one pass (make_framewise's forward; see resample_clip)."""
+    return DiagonalGaussianDistribution(vae.quant_conv(vae.encoder(x.contiguous(memory_format=torch.channels_last_3d))))
+
+
+def decode_clip(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z)` of whole clips in one pass, without its final clamp to [-1, 1], which would zero the
+    gradient of every saturated pixel."""
+    return vae.decoder(vae.post_quant_conv(z.contiguous(memory_format=torch.channels_last_3d)))
 
 
 def framewise_forward(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """A causal 3D convolution whose taps on earlier frames are zero, as a per-frame convolution: the same
-    output as diffusers' forward (which pads and convolves all three taps), ~3x cheaper to train."""
-    w, _, h, _, _, _ = conv._padding
-    return F.conv3d(F.pad(x, (w, w, h, h)), conv.weight[:, :, -1:], conv.bias, conv.stride)
+    """A causal 3D convolution whose taps on earlier frames are zero, as a 2D convolution of every frame: the
+    same output as diffusers' forward (which pads and convolves all three taps), ~3x cheaper to train (and a
+    (1, 3, 3) conv3d is another ~5x slower than conv2d on the CPU)."""
+    b, c, t, h, w = x.shape
+    pad_w, _, pad_h, _, _, _ = conv._padding
+    y = F.conv2d(x.transpose(1, 2).reshape(b * t, c, h, w), conv.weight[:, :, -1], conv.bias, conv.stride[1:],
+                 padding=(pad_h, pad_w))
+    return y.view(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+def resample_clip(resample, x: torch.Tensor, feat_cache=None, feat_idx=None) -> torch.Tensor:
+    """WanResample over a whole clip at once when no feat_cache is given; with one, diffusers' own forward.
+
+    Diffusers runs the encoder on the first frame, then on 4 frames at a time, and the decoder one latent frame
+    at a time, with each temporal convolution carrying its last input frames between the calls. In the first
+    call the temporal convolution is skipped. After that, downsampling convolves (last frame before, 4 frames)
+    with stride 2 and no padding: the windows at frames 0, 2, 4... of the whole clip. Upsampling pads its first
+    later call with zeros and carries the 2 frames before in every further one: a causal convolution, zero
+    padded, over every frame but the first. So the whole clip at once is: the first frame as it is, then the
+    temporal convolution over the clip (down) or over the clip without its first frame (up)."""
+    if feat_cache is not None:
+        return WanResample.forward(resample, x, feat_cache, feat_idx)
+    b, c, t, h, w = x.shape
+    if resample.mode == "upsample3d" and t > 1:
+        later = resample.time_conv(x[:, :, 1:]).reshape(b, 2, c, t - 1, h, w)
+        later = later.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * (t - 1), h, w)  # the two outputs interleaved
+        x = torch.cat([x[:, :, :1], later], dim=2)
+    t = x.shape[2]
+    x = resample.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+    x = x.view(b, t, *x.shape[1:]).transpose(1, 2)
+    if resample.mode == "downsample3d" and t > 1:
+        x = torch.cat([x[:, :, :1], resample.time_conv(x)], dim=2)
+    return x
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """WanRMS_norm's forward without F.normalize, whose vector norm over the channels of a 5D tensor took half
+    of a VAE step on the CPU (the same function: x / max(|x|, 1e-12) * scale * gamma + bias)."""
+    inverse = x.square().sum(1 if norm.channel_first else -1, keepdim=True).clamp_min(1e-24).rsqrt()
+    return x * (inverse * norm.scale) * norm.gamma + norm.bias
 
 
 def init_vae(vae):
@@ -230,14 +265,21 @@ def init_vae(vae):
 
 def make_framewise(vae):
     """Zero the earlier-frame taps of every temporal-kernel convolution but the resampling ones (time_conv),
-    and train only the current-frame tap. The exported weights run unchanged in diffusers' own forward."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    and train only the current-frame tap. The exported weights run unchanged in diffusers' own forward. Also
+    the training forward's speed-ups, the same functions as diffusers': encode_clip / decode_clip run whole
+    clips through resample_clip, and rms_norm; together with the 2D convolutions a VAE step is ~2.5x faster
+    than through diffusers' chunked forward (0.66 -> 0.25 s for 2 clips of 13 frames, 2 threads)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
-    for name, conv in vae.named_modules():
-        if isinstance(conv, WanCausalConv3d) and conv.kernel_size[0] == 3 and "time_conv" not in name:
+    for name, module in vae.named_modules():
+        if isinstance(module, WanCausalConv3d) and module.kernel_size[0] == 3 and "time_conv" not in name:
             with torch.no_grad():
-                conv.weight[:, :, :-1] = 0
-            conv.forward = types.MethodType(framewise_forward, conv)
+                module.weight[:, :, :-1] = 0
+            module.forward = types.MethodType(framewise_forward, module)
+        elif isinstance(module, WanResample):
+            module.forward = types.MethodType(resample_clip, module)
+        elif isinstance(module, WanRMS_norm):
+            module.forward = types.MethodType(rms_norm, module)
     return vae
 
 
@@ -332,11 +374,11 @@ def train_vae(run: Run):
             group["lr"] = vae_lr(run, step)
         x, weight = vae_batch(run, step)
         with torch.set_grad_enabled(step < decoder_from):
-            posterior = vae.encode(x).latent_dist
+            posterior = encode_clip(vae, x)
         # The posterior mean, not a sample: the DiT stage encodes with the mean too, and early sampling noise
         # (unit variance at initialisation) would drown the reconstruction signal. The KL term keeps the
         # latents' scale in check.
-        y = decode_unclamped(vae, posterior.mode())
+        y = decode_clip(vae, posterior.mode())
         error = (y - x).abs() + (y - x) ** 2  # L1 + MSE, weighted (the weights' mean scaled to 1)
         loss = (weight * error).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -373,7 +415,7 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
     latents, prompts = [], []
     for i in range(run.pool):
         clip, prompt, _ = world_clip(run.rng(2, i), frames)
-        latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
+        latents.append(encode_clip(vae, torch.from_numpy(clip)[None]).mode()[0].contiguous())
         prompts.append(prompt)
         if (i + 1) % 100 == 0:
             run.log(stage="latents", clips=i + 1)

@@ -90,27 +90,35 @@ def test_train_world_mask_is_the_rolling_cache():
         assert set(mask[row].nonzero().flatten().tolist()) == clean | noisy_keys, (row, t)
 
 
-def test_train_world_framewise_vae_is_diffusers_own_forward():
-    """The training-time one-tap convolutions (train_world.make_framewise) compute what diffusers' own
-    AutoencoderKLWan computes with the same weights (zero taps on earlier frames): the exported VAE is the one
-    that was trained. 17 frames: the first frame alone, then the cached 4-frame steps."""
+@pytest.mark.parametrize("space", [8, 4])
+def test_train_world_framewise_vae_is_diffusers_own_forward(space):
+    """The training-time VAE (train_world.make_framewise: one-tap convolutions, whole clips at once) computes
+    what diffusers' own AutoencoderKLWan computes chunk by chunk with the same weights (zero taps on earlier
+    frames): the exported VAE is the one that was trained. 17 frames: the first frame alone, then the cached
+    4-frame steps; the decoder one latent frame at a time."""
     import torch
     from diffusers import AutoencoderKLWan
 
     sys.path.insert(0, str(SCRIPTS))
-    from train_world import init_vae, make_framewise
-    from pfgen.world.model import WORLD_VAE
+    from train_world import decode_clip, encode_clip, init_vae, make_framewise
+    from pfgen.world.model import ARCHITECTURES
 
+    config = ARCHITECTURES[space][0]
     torch.manual_seed(0)
-    trained = make_framewise(init_vae(AutoencoderKLWan(**WORLD_VAE)))
-    plain = AutoencoderKLWan(**WORLD_VAE)
+    trained = make_framewise(init_vae(AutoencoderKLWan(**config))).double()  # float64: differences are the code's
+    plain = AutoencoderKLWan(**config).double()
     plain.load_state_dict(trained.state_dict())
-    x = torch.rand(1, 3, 17, 32, 48) * 2 - 1
+    x = torch.rand(2, 3, 17, 32, 48, dtype=torch.float64) * 2 - 1
+    close = dict(atol=1e-10, rtol=1e-10)
     with torch.no_grad():
-        z = trained.encode(x).latent_dist.mode()
-        torch.testing.assert_close(z, plain.encode(x).latent_dist.mode(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(trained.decode(z).sample, plain.decode(z).sample, atol=1e-5, rtol=1e-5)
-    assert z.shape == (1, 16, 5, 4, 6) and z.std() > 0.1  # He init: the latents carry the input
+        z = plain.encode(x).latent_dist.mode()
+        torch.testing.assert_close(trained.encode(x).latent_dist.mode(), z, **close)
+        torch.testing.assert_close(encode_clip(trained, x).mode(), z, **close)
+        y = plain.decode(z).sample
+        torch.testing.assert_close(trained.decode(z).sample, y, **close)
+        torch.testing.assert_close(decode_clip(trained, z).clamp(-1, 1), y, **close)
+    assert z.shape == (2, 16, 5, 32 // space, 48 // space) and z.std() > 0.1  # He init: the latents carry the input
+    assert (y - y[:, :, :1]).abs().amax() > 0.1  # the frames differ, so a mixed-up frame order would show
 
 
 def test_bench_decoders_tiny(tmp_path):
