@@ -10,14 +10,14 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             weighted 20x (without any object weight the objects came back as grey-blue smudges that the scorer
             found in 0 % of frames), then the same on 32x32 crops centred on an object (--crop-steps; 12 crops
             of 13 frames a step: the pixels of 2 whole clips, most of them object and edge; whole frames teach
-            it to draw every object as a disc), then the decoder alone on
-            unrecoloured whole clips, still weighted (the encoder frozen: the latent space is fixed from
-            here); loss L1 + MSE + a small KL.
+            it to draw every object as a disc), then the decoder alone on unrecoloured whole clips, still
+            weighted (the encoder frozen: the latent space is fixed from here); loss L1 + MSE + a small KL.
             Its convolutions are frame-wise (the taps on earlier frames are zero; only the temporal
-            resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE
-            with full causal kernels, trained on short clips, breaks down past the clip length it was trained
-            on. The latent statistics are measured afterwards and stored in the VAE config (latents_mean /
-            latents_std), as the real Wan VAE does.
+            resampling mixes frames), which keeps its temporal reach to a few latent frames: a VAE with full
+            causal kernels, trained on short clips, breaks down past the clip length it was trained on. That
+            also lets training run whole clips in one pass (make_framewise). The latent statistics are
+            measured afterwards and stored in the VAE config (latents_mean / latents_std), as the real Wan
+            VAE does.
 2. latents: a fixed pool of training clips (prompt, seed) encoded once (posterior means, normalised).
 3. dit:     WanTransformer3DModel + a umT5 encoder on byte tokens. First the first chunk alone (no history:
             the prompt is all the model has) at batch 16, then chunk-causal flow matching under the
