@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample, WanRMS_norm
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from pfgen.config import RollingConfig
@@ -269,8 +269,6 @@ def make_framewise(vae):
     the training forward's speed-ups, the same functions as diffusers': encode_clip / decode_clip run whole
     clips through resample_clip, and rms_norm; together with the 2D convolutions a VAE step is ~2.5x faster
     than through diffusers' chunked forward (0.66 -> 0.25 s for 2 clips of 13 frames, 2 threads)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
-
     for name, module in vae.named_modules():
         if isinstance(module, WanCausalConv3d) and module.kernel_size[0] == 3 and "time_conv" not in name:
             with torch.no_grad():
