@@ -209,10 +209,15 @@ def framewise_forward(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None
     """A causal 3D convolution whose taps on earlier frames are zero, as a 2D convolution of every frame: the
     same output as diffusers' forward (which pads and convolves all three taps), ~3x cheaper to train (and a
     (1, 3, 3) conv3d is another ~5x slower than conv2d on the CPU)."""
-    b, c, t, h, w = x.shape
     pad_w, _, pad_h, _, _, _ = conv._padding
-    y = F.conv2d(x.transpose(1, 2).reshape(b * t, c, h, w), conv.weight[:, :, -1], conv.bias, conv.stride[1:],
-                 padding=(pad_h, pad_w))
+    return per_frame(lambda frames: F.conv2d(frames, conv.weight[:, :, -1], conv.bias, conv.stride[1:],
+                                             padding=(pad_h, pad_w)), x)
+
+
+def per_frame(image_op, x: torch.Tensor) -> torch.Tensor:
+    """A 2D operation (N, C, H, W) -> (N, C', H', W') applied to every frame of (B, C, T, H, W)."""
+    b, c, t, h, w = x.shape
+    y = image_op(x.transpose(1, 2).reshape(b * t, c, h, w))
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
 
@@ -233,10 +238,8 @@ def resample_clip(resample, x: torch.Tensor, feat_cache=None, feat_idx=None) -> 
         later = resample.time_conv(x[:, :, 1:]).reshape(b, 2, c, t - 1, h, w)
         later = later.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * (t - 1), h, w)  # the two outputs interleaved
         x = torch.cat([x[:, :, :1], later], dim=2)
-    t = x.shape[2]
-    x = resample.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
-    x = x.view(b, t, *x.shape[1:]).transpose(1, 2)
-    if resample.mode == "downsample3d" and t > 1:
+    x = per_frame(resample.resample, x)
+    if resample.mode == "downsample3d" and x.shape[2] > 1:
         x = torch.cat([x[:, :, :1], resample.time_conv(x)], dim=2)
     return x
 
