@@ -129,16 +129,16 @@ def video_row(track, seconds: float, wall: float) -> dict:
                                                                    "world_spurious", "world_stability")}}
 
 
-def summarize_rows(rows: list[dict]) -> dict:
-    def share_ok(key, part, threshold):
-        values = []
-        for row in rows:
-            entry = row[part]
-            values.append(float(entry["background"] >= threshold) if key == "background" else
-                          float(min(entry["objects"]) >= threshold))
-        return bootstrap(values)
+PERIOD_TARGET_MOTIONS = ("circling", "bouncing")  # the motion target; sliding is reported beside it
 
-    periods = [p["ok"] for row in rows for p in row["periods"] if p["ok"] is not None]
+
+def summarize_rows(rows: list[dict]) -> dict:
+    def period_share(motions):
+        oks = [p["ok"] for row in rows for p in row["periods"] if p["motion"] in motions]
+        return {"share": float(np.mean(oks)) if oks else None, "objects": len(oks),
+                "tracked": sum(p["measured_s"] is not None for row in rows for p in row["periods"]
+                               if p["motion"] in motions)}
+
     return {
         "videos": len(rows),
         "background_first_10s": bootstrap([r["first_10s"]["background"] for r in rows]),
@@ -147,7 +147,8 @@ def summarize_rows(rows: list[dict]) -> dict:
         "objects_last_10s": bootstrap([min(r["last_10s"]["objects"]) for r in rows]),
         "spurious_last_10s": bootstrap([r["last_10s"]["spurious"] for r in rows]),
         "stability_last_10s": bootstrap([r["last_10s"]["stability"] for r in rows]),
-        "period_within_15pct": {"share": float(np.mean(periods)) if periods else None, "objects": len(periods)},
+        "period_within_15pct": period_share(PERIOD_TARGET_MOTIONS),
+        "sliding_period_within_15pct": period_share(("sliding left", "sliding right")),
         "per_second_mean": {k: np.mean([r["per_second"][k] for r in rows], axis=0).round(4).tolist()
                             for k in rows[0]["per_second"]},
     }

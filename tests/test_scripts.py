@@ -243,6 +243,31 @@ def test_eval_world_rows_count_every_frame():
     assert row["first_10s"]["objects"] == [1.0] and row["first_10s"]["background"] == 1.0
 
 
+def test_eval_world_period_target_counts_circling_and_bouncing_only():
+    """The issue's motion target is the period of circling and bouncing objects. World renders of a bouncing
+    ball (on period), a ball sliding right (on period, but not part of the target) and a resting one: the target
+    counts the bouncing ball alone, sliding is reported beside it, the resting ball in neither."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from eval_world import summarize_rows, video_row
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from pfgen.world.grammar import parse
+    from pfgen.world.render import WorldVideo
+    from pfgen.world.score import WorldTrack
+
+    rows = []
+    for prompt in ("a red ball bouncing and a white ball sliding right on a navy background",
+                   "a red ball resting on a black background"):
+        track = WorldTrack(parse(prompt))
+        for frame in WorldVideo(parse(prompt), 0, 64, 96).frames(0, 160):
+            track.add(frame)
+        rows.append(video_row(track, seconds=10, wall=1.0))
+    summary = summarize_rows(rows)
+    assert summary["period_within_15pct"] == {"share": 1.0, "objects": 1, "tracked": 1}
+    assert summary["sliding_period_within_15pct"] == {"share": 1.0, "objects": 1, "tracked": 1}
+
+
 def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
     """eval_world vae against planted VAEs: one that lifts every pixel by 0.01 (1.275 8-bit levels, so 1 after
     rounding: PSNR exactly 20 log10 255 = 48.13 dB, and every object is kept as rendered), and one that paints

@@ -222,7 +222,8 @@ class WorldTrack:
         for j, thing in enumerate(self.scene.things):
             measured = measured_period(centres[:, j])
             expected = PERIODS[thing.motion]
-            out.append({"object": thing.words, "measured_s": None if measured is None else measured / FPS,
+            out.append({"object": thing.words, "motion": thing.motion,
+                        "measured_s": None if measured is None else measured / FPS,
                         "expected_s": None if expected is None else expected / FPS})
         return out
 
