@@ -1,6 +1,6 @@
 """Train the world model from scratch on 2 CPU cores: VAE, then latents, then DiT + text encoder.
 
-    python scripts/train_world.py --out runs/world            # the shipped weights, ~170 min (resumable)
+    python scripts/train_world.py --out runs/world            # the shipped weights, ~160 min (resumable)
     python scripts/train_world.py --out /tmp/w --smoke        # every stage for a few steps (CI)
 
 Stages, each resumable from checkpoints written every few minutes into --out:
@@ -763,7 +763,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
     parser.add_argument("--object-steps", type=int, default=0,
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
-    parser.add_argument("--crop-steps", type=int, default=1500,
+    parser.add_argument("--crop-steps", type=int, default=5000,
                         help=f"VAE steps on {CROP}x{CROP} crops centred on an object, after --object-steps")
     parser.add_argument("--decoder-steps", type=int, default=1000,
                         help="VAE steps on the decoder alone (encoder frozen), after --crop-steps")
@@ -772,7 +772,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dit-steps", type=int, default=0,
                         help="DiT steps on whole clips, after --text-steps (the shipped run had none)")
     parser.add_argument("--dit-batch", type=int, default=2)
-    parser.add_argument("--window-steps", type=int, default=26000,
+    parser.add_argument("--window-steps", type=int, default=30000,
                         help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
     parser.add_argument("--vae-space", type=int, choices=sorted(ARCHITECTURES), default=8,
                         help="the VAE's spatial compression: 8 (the shipped model) or 4 (with a 4x4 DiT patch)")
