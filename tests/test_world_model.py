@@ -44,8 +44,7 @@ def test_a_red_ball_circles_on_navy(pipe, seed):
 
 
 def test_the_object_takes_the_named_colour(pipe):
-    """The same scene in another colour: the named colour is drawn, red (the colour of the test above) is not.
-    Not every colour works on every background: a cyan ball on navy is not drawn at all (docs/world.md)."""
+    """The same scene in another colour: the named colour is drawn, red (the colour of the test above) is not."""
     colour = "yellow"
     scene = parse(f"a {colour} ball circling on a navy background")
     classes = score_frames(frames_of(pipe, scene.prompt, seed=0), scene).classes
