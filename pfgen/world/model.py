@@ -42,7 +42,7 @@ WORLD_TRANSFORMER = dict(
 )
 WORLD_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=1,
                  temperal_downsample=[False, True, True])
-# A variant under test (docs/world.md): 4x spatial compression instead of 8x (latents 16x24, four times the latent
+# A variant under test (docs/world-history.md): 4x spatial compression instead of 8x (latents 16x24, four times the latent
 # cells an object covers) with a 4x4 DiT patch, so the DiT still sees 24 tokens a frame and costs what it did.
 WORLD_VAE_4X = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 8], num_res_blocks=1, temperal_downsample=[True, True],
                     scale_factor_spatial=4)
