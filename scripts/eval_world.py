@@ -205,6 +205,29 @@ def cmd_vae(args) -> dict:
     return out
 
 
+PAIRED_METRICS = ("background", "objects", "spurious", "stability")
+
+
+def paired_differences(policies: dict, baseline: str = "rolling") -> dict:
+    """Per policy, its 50-60 s metrics minus the baseline's on the same (prompt, seed) pair: the mean difference
+    with a bootstrap interval over pairs, and how many pairs came out above / below / equal. The policies share
+    their pairs, so these resolve differences that the per-policy intervals over videos blur."""
+    def column(rows, metric):
+        return np.array([min(r["last_10s"][metric]) if metric == "objects" else r["last_10s"][metric] for r in rows])
+
+    out = {}
+    for policy, entry in policies.items():
+        if policy == baseline:
+            continue
+        out[f"{policy}-{baseline}"] = {}
+        for metric in PAIRED_METRICS:
+            diff = column(entry["rows"], metric) - column(policies[baseline]["rows"], metric)
+            out[f"{policy}-{baseline}"][metric] = {**bootstrap(diff), "above": int(np.sum(diff > 1e-9)),
+                                                   "below": int(np.sum(diff < -1e-9)),
+                                                   "equal": int(np.sum(np.abs(diff) <= 1e-9))}
+    return out
+
+
 def cmd_targets(args) -> dict:
     pipe = load(args)
     out = {"vae_psnr_db": vae_psnr(pipe)}
@@ -235,6 +258,7 @@ def cmd_policies(args) -> dict:
             rows.append(video_row(track, args.seconds, wall))
             print(f"{policy} {n + 1}/{args.pairs} {wall:.1f}s", file=sys.stderr, flush=True)
         out["policies"][policy] = {"summary": summarize_rows(rows), "rows": rows}
+    out["paired_last_10s"] = paired_differences(out["policies"])
     if args.videos:
         (args.videos / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     return out

@@ -268,6 +268,36 @@ def test_eval_world_period_target_counts_circling_and_bouncing_only():
     assert summary["sliding_period_within_15pct"] == {"share": 1.0, "objects": 1, "tracked": 1}
 
 
+def test_eval_world_paired_differences_are_per_pair():
+    """Planted rows: pyramid is 0.1 above rolling on every pair's background while the pairs themselves spread
+    from 0 to 0.9, so the per-pair difference is exactly 0.1 with a zero-width interval; full is below on one
+    object and equal elsewhere."""
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from eval_world import paired_differences
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+    def row(background, objects):
+        return {"last_10s": {"background": background, "objects": objects, "spurious": 0.01, "stability": 0.9}}
+
+    base = [0.0, 0.3, 0.6, 0.8]
+    policies = {"rolling": {"rows": [row(b, [0.5, 0.2]) for b in base]},
+                "pyramid": {"rows": [row(b + 0.1, [0.5, 0.2]) for b in base]},
+                "full": {"rows": [row(b, [0.5, 0.1 if i == 0 else 0.2]) for i, b in enumerate(base)]}}
+    paired = paired_differences(policies)
+    assert set(paired) == {"pyramid-rolling", "full-rolling"}
+    background = paired["pyramid-rolling"]["background"]
+    assert np.isclose(background["mean"], 0.1) and np.isclose(background["low"], 0.1)
+    assert np.isclose(background["high"], 0.1)
+    assert (background["above"], background["below"], background["equal"]) == (4, 0, 0)
+    objects = paired["full-rolling"]["objects"]  # the worse object of each video
+    assert np.isclose(objects["mean"], -0.025) and (objects["above"], objects["below"], objects["equal"]) == (0, 1, 3)
+    assert paired["pyramid-rolling"]["stability"]["equal"] == 4
+
+
 def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
     """eval_world vae against planted VAEs: one that lifts every pixel by 0.01 (1.275 8-bit levels, so 1 after
     rounding: PSNR exactly 20 log10 255 = 48.13 dB, and every object is kept as rendered), and one that paints
