@@ -110,10 +110,13 @@ def bootstrap(values, resamples: int = 2000) -> dict:
 
 
 def span(track, start_s: float, end_s: float) -> dict:
-    """Shares of frames in [start_s, end_s) with the background right / each object present."""
-    window = track.window(int(start_s * FPS), int(end_s * FPS), FPS)
+    """Shares of frames in [start_s, end_s) with the background right / each object present, the spurious
+    area, the stability against the first second and where it was lost."""
+    start, end = int(start_s * FPS), int(end_s * FPS)
+    window = track.window(start, end, FPS)
     return {"background": window["world_background"], "objects": window["world_objects_each"],
-            "spurious": window["world_spurious"], "stability": window["world_stability"]}
+            "spurious": window["world_spurious"], "stability": window["world_stability"],
+            "stability_losses": track.stability_losses(start, end, FPS)}
 
 
 def video_row(track, seconds: float, wall: float) -> dict:
@@ -147,6 +150,8 @@ def summarize_rows(rows: list[dict]) -> dict:
         "objects_last_10s": bootstrap([min(r["last_10s"]["objects"]) for r in rows]),
         "spurious_last_10s": bootstrap([r["last_10s"]["spurious"] for r in rows]),
         "stability_last_10s": bootstrap([r["last_10s"]["stability"] for r in rows]),
+        "stability_losses_last_10s": {part: bootstrap([r["last_10s"]["stability_losses"][part] for r in rows])
+                                      for part in rows[0]["last_10s"]["stability_losses"]},
         "period_within_15pct": period_share(PERIOD_TARGET_MOTIONS),
         "sliding_period_within_15pct": period_share(("sliding left", "sliding right")),
         "per_second_mean": {k: np.mean([r["per_second"][k] for r in rows], axis=0).round(4).tolist()

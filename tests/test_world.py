@@ -102,6 +102,34 @@ def test_scorer_counts_pixels_of_no_named_colour_as_spurious():
     assert spurious[0] < 0.01 and spurious[1] == pytest.approx(0.25, abs=0.01)
 
 
+def test_stability_losses_say_what_each_changed_pixel_was_and_became():
+    """Planted class maps on a striped navy background with a red ball. The first second: left half navy,
+    right half its stripe colour, a red 8x8 block. Later: the halves swapped (stripes that moved: 48 + 48
+    columns), the red block gone to navy, and a 4x4 patch of the left half turned gray. Each change lands in
+    its own part; the parts add up to 1 - stability."""
+    from pfgen.world.score import WorldTrack
+
+    navy, stripe = BACKGROUNDS["navy"], tuple(min(255, c + STRIPE_LIFT) for c in BACKGROUNDS["navy"])
+    first = np.zeros((H, W, 3), np.uint8)
+    first[:, :48], first[:, 48:] = navy, stripe
+    first[0:8, 0:8] = OBJECT_COLOURS["red"]
+    later = np.zeros((H, W, 3), np.uint8)
+    later[:, :48], later[:, 48:] = stripe, navy
+    later[0:8, 0:8] = stripe  # where the red block was, the left half's new colour
+    later[20:24, 20:24] = BACKGROUNDS["gray"]
+    track = WorldTrack(parse("a red ball resting on a striped navy background"))
+    for frame in [first] * 16 + [later] * 16:
+        track.add(frame)
+    losses = track.stability_losses(16, 32, 16)
+    pixels = H * W
+    assert losses["object_moved"] == pytest.approx(64 / pixels)
+    assert losses["background_lost"] == pytest.approx(16 / pixels)
+    assert losses["background_swapped"] == pytest.approx((pixels - 64 - 16) / pixels)
+    assert losses["other"] == 0
+    stability = track.window(16, 32, 16)["world_stability"]
+    assert sum(losses.values()) == pytest.approx(1 - stability)
+
+
 def test_evaluate_adds_world_metrics_for_a_world_prompt(tmp_path, capsys):
     from tests.clirun import run_cli
     from pfgen.video import Mp4Writer
