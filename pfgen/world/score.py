@@ -11,8 +11,8 @@ and their striped copies), so a wrong background or a wrong object colour is see
 - the object's centroid (for motion periods).
 Per window: the shares of frames with the background right / each object present, the mean spurious area,
 background stability (the window's per-pixel most frequent classes against the first window's; and where the
-changed pixels came from and went), and the measured
-motion period of each object over the whole video (autocorrelation of its centroid track).
+changed pixels came from and went), and the measured motion period of each object over the whole video
+(autocorrelation of its centroid track).
 """
 
 from __future__ import annotations
