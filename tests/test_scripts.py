@@ -1,5 +1,6 @@
 """The benchmark scripts at the tiny shape: they run, and their JSON has the fields the docs rely on."""
 
+import importlib
 import json
 import math
 import subprocess
@@ -9,6 +10,15 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package), without leaving scripts/ on sys.path."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 def run_script(name, *args, tmp_path):
@@ -75,8 +85,7 @@ def test_train_world_mask_is_the_rolling_cache():
     and the clean frames of earlier chunks that are in the cache."""
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    from train_world import rolling_mask
+    rolling_mask = load_script("train_world").rolling_mask
 
     frames, targets = 27, torch.tensor([3, 4, 5, 24, 25, 26])
     mask = rolling_mask(frames, targets, 1)
@@ -99,9 +108,11 @@ def test_train_world_framewise_vae_is_diffusers_own_forward(space):
     import torch
     from diffusers import AutoencoderKLWan
 
-    sys.path.insert(0, str(SCRIPTS))
-    from train_world import decode_clip, encode_clip, init_vae, make_framewise
     from pfgen.world.model import ARCHITECTURES
+
+    train_world = load_script("train_world")
+    decode_clip, encode_clip = train_world.decode_clip, train_world.encode_clip
+    init_vae, make_framewise = train_world.init_vae, train_world.make_framewise
 
     config = ARCHITECTURES[space][0]
     torch.manual_seed(0)
@@ -135,8 +146,7 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
 
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    import train_world
+    train_world = load_script("train_world")
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
                                  decoder_steps=2, crop_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
@@ -165,8 +175,7 @@ def test_train_world_crops_hold_the_objects(tmp_path):
 
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    import train_world
+    train_world = load_script("train_world")
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=0, object_steps=0,
                                  crop_steps=10, decoder_steps=1, pool=1, text_steps=1, dit_steps=0, dit_batch=1,
@@ -195,8 +204,7 @@ def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
     from transformers import ByT5Tokenizer
 
-    sys.path.insert(0, str(SCRIPTS))
-    import train_world
+    train_world = load_script("train_world")
     from pfgen.wan.text import TEXT_TOKENS
     from pfgen.world.model import WORLD_TRANSFORMER
 
@@ -224,11 +232,7 @@ def test_train_world_short_prompt_embedding_is_pfgens_padded_one():
 def test_eval_world_rows_count_every_frame():
     """A world render of 100 frames (not a multiple of the scorer's batch of 64): the row counts all of them,
     gives a window per whole second, and finds the planted ball in every frame."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from eval_world import video_row
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    video_row = load_script("eval_world").video_row
     from pfgen.world.grammar import parse
     from pfgen.world.render import WorldVideo
     from pfgen.world.score import WorldTrack
@@ -247,11 +251,8 @@ def test_eval_world_period_target_counts_circling_and_bouncing_only():
     """The issue's motion target is the period of circling and bouncing objects. World renders of a bouncing
     ball (on period), a ball sliding right (on period, but not part of the target) and a resting one: the target
     counts the bouncing ball alone, sliding is reported beside it, the resting ball in neither."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from eval_world import summarize_rows, video_row
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    eval_world = load_script("eval_world")
+    summarize_rows, video_row = eval_world.summarize_rows, eval_world.video_row
     from pfgen.world.grammar import parse
     from pfgen.world.render import WorldVideo
     from pfgen.world.score import WorldTrack
@@ -274,11 +275,7 @@ def test_eval_world_paired_differences_are_per_pair():
     object and equal elsewhere."""
     import numpy as np
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from eval_world import paired_differences
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    paired_differences = load_script("eval_world").paired_differences
 
     def row(background, objects):
         return {"last_10s": {"background": background, "objects": objects, "spurious": 0.01, "stability": 0.9}}
@@ -306,11 +303,7 @@ def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
 
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import eval_world
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    eval_world = load_script("eval_world")
 
     def planted(decode):
         def encode(x):
