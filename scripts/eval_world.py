@@ -112,11 +112,10 @@ def bootstrap(values, resamples: int = 2000) -> dict:
 def span(track, start_s: float, end_s: float) -> dict:
     """Shares of frames in [start_s, end_s) with the background right / each object present, the spurious
     area, the stability against the first second and where it was lost."""
-    start, end = int(start_s * FPS), int(end_s * FPS)
-    window = track.window(start, end, FPS)
+    window = track.window(int(start_s * FPS), int(end_s * FPS), FPS, losses=True)
     return {"background": window["world_background"], "objects": window["world_objects_each"],
             "spurious": window["world_spurious"], "stability": window["world_stability"],
-            "stability_losses": track.stability_losses(start, end, FPS)}
+            "stability_losses": window["world_stability_losses"]}
 
 
 def video_row(track, seconds: float, wall: float) -> dict:
@@ -135,21 +134,29 @@ def video_row(track, seconds: float, wall: float) -> dict:
 PERIOD_TARGET_MOTIONS = ("circling", "bouncing")  # the issue's motion target; sliding is reported beside it
 
 
+def span_value(row: dict, part: str, metric: str) -> float:
+    """One figure of a video row's span; "objects" is the worse object (a video with one missing scores 0)."""
+    value = row[part][metric]
+    return min(value) if metric == "objects" else value
+
+
 def summarize_rows(rows: list[dict]) -> dict:
     def period_share(motions):
-        oks = [p["ok"] for row in rows for p in row["periods"] if p["motion"] in motions]
-        return {"share": float(np.mean(oks)) if oks else None, "objects": len(oks),
-                "tracked": sum(p["measured_s"] is not None for row in rows for p in row["periods"]
-                               if p["motion"] in motions)}
+        periods = [p for row in rows for p in row["periods"] if p["motion"] in motions]
+        return {"share": float(np.mean([p["ok"] for p in periods])) if periods else None, "objects": len(periods),
+                "tracked": sum(p["measured_s"] is not None for p in periods)}
+
+    def over_videos(part, metric):
+        return bootstrap([span_value(r, part, metric) for r in rows])
 
     return {
         "videos": len(rows),
-        "background_first_10s": bootstrap([r["first_10s"]["background"] for r in rows]),
-        "objects_first_10s": bootstrap([min(r["first_10s"]["objects"]) for r in rows]),
-        "background_last_10s": bootstrap([r["last_10s"]["background"] for r in rows]),
-        "objects_last_10s": bootstrap([min(r["last_10s"]["objects"]) for r in rows]),
-        "spurious_last_10s": bootstrap([r["last_10s"]["spurious"] for r in rows]),
-        "stability_last_10s": bootstrap([r["last_10s"]["stability"] for r in rows]),
+        "background_first_10s": over_videos("first_10s", "background"),
+        "objects_first_10s": over_videos("first_10s", "objects"),
+        "background_last_10s": over_videos("last_10s", "background"),
+        "objects_last_10s": over_videos("last_10s", "objects"),
+        "spurious_last_10s": over_videos("last_10s", "spurious"),
+        "stability_last_10s": over_videos("last_10s", "stability"),
         "stability_losses_last_10s": {part: bootstrap([r["last_10s"]["stability_losses"][part] for r in rows])
                                       for part in rows[0]["last_10s"]["stability_losses"]},
         "period_within_15pct": period_share(PERIOD_TARGET_MOTIONS),
@@ -218,7 +225,7 @@ def paired_differences(policies: dict, baseline: str = "rolling") -> dict:
     with a bootstrap interval over pairs, and how many pairs came out above / below / equal. The policies share
     their pairs, so these resolve differences that the per-policy intervals over videos blur."""
     def column(rows, metric):
-        return np.array([min(r["last_10s"][metric]) if metric == "objects" else r["last_10s"][metric] for r in rows])
+        return np.array([span_value(r, "last_10s", metric) for r in rows])
 
     out = {}
     for policy, entry in policies.items():

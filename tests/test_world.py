@@ -120,14 +120,14 @@ def test_stability_losses_say_what_each_changed_pixel_was_and_became():
     track = WorldTrack(parse("a red ball resting on a striped navy background"))
     for frame in [first] * 16 + [later] * 16:
         track.add(frame)
-    losses = track.stability_losses(16, 32, 16)
+    window = track.window(16, 32, 16, losses=True)
+    losses = window["world_stability_losses"]
     pixels = H * W
     assert losses["object_moved"] == pytest.approx(64 / pixels)
     assert losses["background_lost"] == pytest.approx(16 / pixels)
     assert losses["background_swapped"] == pytest.approx((pixels - 64 - 16) / pixels)
     assert losses["other"] == 0
-    stability = track.window(16, 32, 16)["world_stability"]
-    assert sum(losses.values()) == pytest.approx(1 - stability)
+    assert sum(losses.values()) == pytest.approx(1 - window["world_stability"])
 
 
 def test_evaluate_adds_world_metrics_for_a_world_prompt(tmp_path, capsys):

@@ -166,6 +166,22 @@ def _mode_classes(classes: np.ndarray) -> np.ndarray:
     return counts.argmax(0)
 
 
+def stability_losses(first: np.ndarray, now: np.ndarray, scene: Scene) -> dict:
+    """Where stability went between two per-pixel class maps (the first window's, a later window's): shares of
+    all pixels whose class differs, by what they were and are now. `background_swapped`: the named background
+    turned into its other stripe colour (on a striped background, stripes that moved; both colours count as the
+    right background); `background_lost`: the named background turned into anything else; `object_moved`: a
+    named object's colour turned into anything else; `other`: the rest. They add up to 1 - stability."""
+    background = [NAMES.index(f"bg:{scene.background}"), NAMES.index(f"bg:{scene.background}+")]
+    changed = now != first
+    was_background, is_background = np.isin(first, background), np.isin(now, background)
+    was_object = np.isin(first, [NAMES.index(thing.colour) for thing in scene.things])
+    return {"background_swapped": float((changed & was_background & is_background).mean()),
+            "background_lost": float((changed & was_background & ~is_background).mean()),
+            "object_moved": float((changed & was_object).mean()),
+            "other": float((changed & ~was_background & ~was_object).mean())}
+
+
 WORLD_METRICS = ("world_background", "world_objects", "world_spurious", "world_stability")
 
 
@@ -200,42 +216,24 @@ class WorldTrack:
         self.centres += list(scores.centres)
         self.classes += list(scores.classes.astype(np.int8))
 
-    def _first_window(self, first_end: int) -> np.ndarray:
+    def window(self, start: int, end: int, first_end: int, losses: bool = False) -> dict:
+        """World metrics of frames [start, end): shares of frames, mean spurious area, stability against
+        the first window [0, first_end); with `losses`, also where the stability went (stability_losses)."""
         self._flush()
         if self.first is None:
             self.first = _mode_classes(np.stack(self.classes[:first_end]))
-        return self.first
-
-    def window(self, start: int, end: int, first_end: int) -> dict:
-        """World metrics of frames [start, end): shares of frames, mean spurious area, stability against
-        the first window [0, first_end)."""
-        first = self._first_window(first_end)
         present = np.stack(self.present[start:end])
-        return {
+        now = _mode_classes(np.stack(self.classes[start:end]))
+        metrics = {
             "world_background": float(np.mean(self.right[start:end])),
             "world_objects": float(present.mean()),
             "world_objects_each": [float(v) for v in present.mean(0)],
             "world_spurious": float(np.mean(self.spurious[start:end])),
-            "world_stability": float((_mode_classes(np.stack(self.classes[start:end])) == first).mean()),
+            "world_stability": float((now == self.first).mean()),
         }
-
-    def stability_losses(self, start: int, end: int, first_end: int) -> dict:
-        """Where the stability of frames [start, end) went: shares of all pixels whose most frequent class
-        differs from the first window's, by what they were there and are now. `background_swapped`: the named
-        background turned into its other stripe colour (on a striped background, stripes that moved; both
-        colours count as the right background); `background_lost`: the named background turned into anything
-        else; `object_moved`: a named object's colour turned into anything else; `other`: the rest. They add
-        up to 1 - world_stability."""
-        first = self._first_window(first_end)
-        now = _mode_classes(np.stack(self.classes[start:end]))
-        background = [NAMES.index(f"bg:{self.scene.background}"), NAMES.index(f"bg:{self.scene.background}+")]
-        changed = now != first
-        was_background, is_background = np.isin(first, background), np.isin(now, background)
-        was_object = np.isin(first, [NAMES.index(thing.colour) for thing in self.scene.things])
-        return {"background_swapped": float((changed & was_background & is_background).mean()),
-                "background_lost": float((changed & was_background & ~is_background).mean()),
-                "object_moved": float((changed & was_object).mean()),
-                "other": float((changed & ~was_background & ~was_object).mean())}
+        if losses:
+            metrics["world_stability_losses"] = stability_losses(self.first, now, self.scene)
+        return metrics
 
     def periods(self) -> list[dict]:
         """Per object: the measured motion period over the whole video against the grammar's (seconds)."""
