@@ -7,6 +7,8 @@
     python scripts/eval_world.py vae --out runs/eval         # PSNR; objects kept by the VAE's round trip
 
 The shipped weights by default; `--model OUT/world --heads HEADS.json` measures another trained folder.
+`--set KEY=VALUE` changes one config value, e.g. where pyramid places its history:
+    python scripts/eval_world.py policies --policy rolling,pyramid --set cache.pyramid.rope_window=8
 
 Every video comes from held-out (prompt, seed) pairs: prompts of the held-out split (a green triangle, an
 orange square or a striped brown background; pfgen/world/grammar.py), never seen in training, with noise
@@ -55,7 +57,7 @@ def load(args):
     from pfgen.config import load_config
     from pfgen.pipeline import load_pipeline
 
-    cfg = load_config("tiny")
+    cfg = with_settings(load_config("tiny"), args.set)
     folder = {}
     if args.model is not None:
         heads = str(args.heads) if args.heads else None  # pfgen profile-heads on the folder makes one
@@ -64,6 +66,36 @@ def load(args):
     pipe = load_pipeline(cfg, device="cpu", dtype="float32", **folder)
     torch.set_num_threads(args.threads)
     return pipe
+
+
+def with_settings(cfg, settings: list[str]):
+    """The config with `--set KEY=VALUE` items applied (`cache.pyramid.rope_window=8`; VALUE read as YAML, of
+    the key's type), checked by the config's own rules."""
+    import dataclasses
+
+    import yaml
+
+    from pfgen.config import validate
+    from pfgen.errors import PfgenError
+
+    def replaced(node, keys, value, item):
+        if not dataclasses.is_dataclass(node) or keys[0] not in {f.name for f in dataclasses.fields(node)}:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with a config key such as cache.pyramid.rope_window=8")
+        old = getattr(node, keys[0])
+        if len(keys) > 1:
+            value = replaced(old, keys[1:], value, item)
+        elif old is not None and type(value) is not type(old):
+            raise SystemExit(f"--set {item}: the key takes a value of type {type(old).__name__}")
+        return dataclasses.replace(node, **{keys[0]: value})
+
+    for item in settings:
+        key, _, value = item.partition("=")
+        cfg = replaced(cfg, key.split("."), yaml.safe_load(value), item)
+    try:
+        validate(cfg, "--set")
+    except PfgenError as exc:
+        raise SystemExit(str(exc)) from None
+    return cfg
 
 
 def run_video(pipe, prompt: str, seed: int, seconds: float, policy: str, timeline=None, recache=True,
@@ -258,7 +290,7 @@ def cmd_policies(args) -> dict:
     pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
     manifest = []
-    for policy in ("rolling", "pyramid", "full"):
+    for policy in (args.policy or "rolling,pyramid,full").split(","):
         rows = []
         for n, (prompt, seed) in enumerate(scene_pairs(args.pairs, args.split)):
             mp4 = None
@@ -270,7 +302,8 @@ def cmd_policies(args) -> dict:
             rows.append(video_row(track, args.seconds, wall))
             print(f"{policy} {n + 1}/{args.pairs} {wall:.1f}s", file=sys.stderr, flush=True)
         out["policies"][policy] = {"summary": summarize_rows(rows), "rows": rows}
-    out["paired_last_10s"] = paired_differences(out["policies"])
+    if "rolling" in out["policies"]:
+        out["paired_last_10s"] = paired_differences(out["policies"])
     if args.videos:
         (args.videos / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     return out
@@ -374,7 +407,11 @@ def main() -> None:
                         help="the prompts' split (targets, policies, switch)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="video length (default: 60 for targets and policies, 10 for switch and speed)")
-    parser.add_argument("--policy", default=None)
+    parser.add_argument("--policy", default=None,
+                        help="targets: the cache policy (default: the config's); policies: a comma list of those to "
+                             "compare (default rolling,pyramid,full)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value, e.g. cache.pyramid.rope_window=8 (repeatable)")
     parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the result file name (one that starts with - as --tag=-x)")

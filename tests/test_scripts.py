@@ -295,6 +295,26 @@ def test_eval_world_paired_differences_are_per_pair():
     assert paired["pyramid-rolling"]["stability"]["equal"] == 4
 
 
+def test_eval_world_set_changes_one_config_key_and_checks_it():
+    """`--set KEY=VALUE` replaces that key alone (nested keys included); an unknown key, a value of the wrong type
+    and a value the config's rules refuse each stop with a message naming the item."""
+    import pytest
+
+    from pfgen.config import load_config
+
+    with_settings = load_script("eval_world").with_settings
+    base = load_config("tiny")
+    cfg = with_settings(base, ["cache.pyramid.rope_window=8", "cache.rolling.window=9"])
+    assert (cfg.cache.pyramid.rope_window, cfg.cache.rolling.window) == (8, 9)
+    assert cfg.cache.pyramid.anchor == base.cache.pyramid.anchor and cfg.video == base.video
+    assert with_settings(base, []) == base
+    for item, says in (("cache.pyramid.nope=3", "config key"), ("cache.pyramid.rope_window=x", "type int"),
+                       ("cache.pyramid=3", "type PyramidConfig"), ("cache.pyramid.rope_window=0", "positive")):
+        with pytest.raises(SystemExit, match=says) as stop:
+            with_settings(base, [item])
+        assert str(stop.value).startswith("--set")
+
+
 def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
     """eval_world vae against planted VAEs: one that lifts every pixel by 0.01 (1.275 8-bit levels, so 1 after
     rounding: PSNR exactly 20 log10 255 = 48.13 dB, and every object is kept as rendered), and one that paints
