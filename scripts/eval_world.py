@@ -287,10 +287,13 @@ def cmd_targets(args) -> dict:
 def cmd_policies(args) -> dict:
     if args.model is not None and args.heads is None:
         raise SystemExit("policies needs --heads with --model (the model's head-type file, from pfgen profile-heads)")
+    policies = (args.policy or "rolling,pyramid,full").split(",")
+    if not set(policies) <= {"rolling", "pyramid", "full"}:
+        raise SystemExit(f"--policy {args.policy}: expected a comma list of rolling, pyramid and full")
     pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
     manifest = []
-    for policy in (args.policy or "rolling,pyramid,full").split(","):
+    for policy in policies:
         rows = []
         for n, (prompt, seed) in enumerate(scene_pairs(args.pairs, args.split)):
             mp4 = None
