@@ -57,13 +57,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample, WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from pfgen.config import RollingConfig
 from pfgen.frames import video_frames_for
 from pfgen.rope import apply_rope, complex_table
 from pfgen.video import to_uint8_frames
+from pfgen.wan.vae_norm import use_fast_rms_norm
 from pfgen.world.grammar import parse, sample_scene
 from pfgen.world.render import WorldVideo
 from pfgen.world.score import score_frames
@@ -244,13 +245,6 @@ def resample_clip(resample, x: torch.Tensor, feat_cache=None, feat_idx=None) -> 
     return x
 
 
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """WanRMS_norm's forward without F.normalize, whose vector norm over the channels of a 5D tensor took half
-    of a VAE step on the CPU (the same function: x / max(|x|, 1e-12) * scale * gamma + bias)."""
-    inverse = x.square().sum(1 if norm.channel_first else -1, keepdim=True).clamp_min(1e-24).rsqrt()
-    return x * (inverse * norm.scale) * norm.gamma + norm.bias
-
-
 def init_vae(vae):
     """He-normal convolutions and zero biases. With PyTorch's default initialisation the signal fades through
     the VAE's ~30 convolutions while the biases and the zero padding stay: at the decoder's output, the
@@ -270,8 +264,9 @@ def make_framewise(vae):
     """Zero the earlier-frame taps of every temporal-kernel convolution but the resampling ones (time_conv),
     and train only the current-frame tap. The exported weights run unchanged in diffusers' own forward. Also
     the training forward's speed-ups, the same functions as diffusers': encode_clip / decode_clip run whole
-    clips through resample_clip, and rms_norm; together with the 2D convolutions a VAE step is ~2.5x faster
-    than through diffusers' chunked forward (0.66 -> 0.25 s for 2 clips of 13 frames, 2 threads)."""
+    clips through resample_clip, and pfgen's CPU rms_norm (pfgen.wan.vae_norm); together with the 2D
+    convolutions a VAE step is ~2.5x faster than through diffusers' chunked forward (0.66 -> 0.25 s for 2 clips
+    of 13 frames, 2 threads)."""
     for name, module in vae.named_modules():
         if isinstance(module, WanCausalConv3d) and module.kernel_size[0] == 3 and "time_conv" not in name:
             with torch.no_grad():
@@ -279,9 +274,7 @@ def make_framewise(vae):
             module.forward = types.MethodType(framewise_forward, module)
         elif isinstance(module, WanResample):
             module.forward = types.MethodType(resample_clip, module)
-        elif isinstance(module, WanRMS_norm):
-            module.forward = types.MethodType(rms_norm, module)
-    return vae
+    return use_fast_rms_norm(vae)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """The causal Wan path against un-chunked references: one-shot block-causal forward, one-shot VAE decode,
 diffusers' own RoPE table."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -86,6 +87,55 @@ def test_chunked_full_policy_equals_one_shot_block_causal():
         mixed = reference(x, t, text, return_dict=False)[0]
     torch.testing.assert_close(torch.cat(chunked, dim=2), one_shot, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(noisy, mixed[:, :, frames - per_chunk:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channel_first,images,bias", [(True, True, False), (True, False, True), (False, True, True)])
+def test_cpu_rms_norm_equals_diffusers_forward(channel_first, images, bias):
+    """pfgen's CPU RMS norm against diffusers' WanRMS_norm.forward (F.normalize) in float64, an all-zero
+    position included (max(|x|, eps): the output there is the bias); bfloat16 inputs are normalised in float32."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from pfgen.wan.vae_norm import rms_norm
+
+    torch.manual_seed(0)
+    norm = WanRMS_norm(8, channel_first=channel_first, images=images, bias=bias).double()
+    with torch.no_grad():
+        norm.gamma.normal_()
+        if bias:
+            norm.bias.normal_()
+    shape = (2, 4, 5) if images else (2, 3, 4, 5)  # image norms see (B, C, H, W), the others (B, C, T, H, W)
+    shape = (shape[0], 8, *shape[1:]) if channel_first else (*shape, 8)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[(0, slice(None), 1, 1) if channel_first else (0, 1, 1)] = 0
+    torch.testing.assert_close(rms_norm(norm, x), WanRMS_norm.forward(norm, x), atol=1e-12, rtol=1e-12)
+    half = x.bfloat16()
+    torch.testing.assert_close(rms_norm(norm.bfloat16(), half), WanRMS_norm.forward(norm, half), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "random"])
+def test_loaded_vae_decodes_through_the_cpu_rms_norm(name):
+    """The pipeline's VAE (the world model's, through the real-weights path, and the random one) runs pfgen's
+    RMS norm, and decodes what diffusers' forward decodes."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from pfgen.config import ModelConfig
+    from pfgen.wan.components import load_components
+    from pfgen.wan.vae_norm import rms_norm
+
+    _, vae, _ = load_components(ModelConfig(name=name), torch.device("cpu"), torch.float32)
+    norms = [m for m in vae.modules() if isinstance(m, WanRMS_norm)]
+    assert norms and all(m.forward.__func__ is rms_norm for m in norms)
+    plain = copy.deepcopy(vae)
+    for m in plain.modules():
+        if isinstance(m, WanRMS_norm):
+            del m.forward  # the class's forward again
+    z = torch.randn(1, 16, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast, slow = StreamingDecoder(vae), StreamingDecoder(plain)
+        fast.reset(), slow.reset()
+        torch.testing.assert_close(fast.decode(z), slow.decode(z), atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_vae_decode_equals_one_shot():
