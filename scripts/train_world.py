@@ -64,7 +64,7 @@ from pfgen.config import RollingConfig
 from pfgen.frames import video_frames_for
 from pfgen.rope import apply_rope, complex_table
 from pfgen.video import to_uint8_frames
-from pfgen.wan.vae_norm import use_fast_rms_norm
+from pfgen.wan.vae_forward import use_fast_rms_norm
 from pfgen.world.grammar import parse, sample_scene
 from pfgen.world.render import WorldVideo
 from pfgen.world.score import score_frames
@@ -264,7 +264,7 @@ def make_framewise(vae):
     """Zero the earlier-frame taps of every temporal-kernel convolution but the resampling ones (time_conv),
     and train only the current-frame tap. The exported weights run unchanged in diffusers' own forward. Also
     the training forward's speed-ups, the same functions as diffusers': encode_clip / decode_clip run whole
-    clips through resample_clip, and pfgen's CPU rms_norm (pfgen.wan.vae_norm); together with the 2D
+    clips through resample_clip, and pfgen's CPU rms_norm (pfgen.wan.vae_forward); together with the 2D
     convolutions a VAE step is ~2.5x faster than through diffusers' chunked forward (0.66 -> 0.25 s for 2 clips
     of 13 frames, 2 threads)."""
     for name, module in vae.named_modules():

@@ -27,7 +27,7 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
     Hub references in the config are downloaded (or found in the HF cache) here. Each component is loaded to
     its home under the offload mode (`pfgen.offload`): the CPU when the mode offloads it, else `device`."""
     from pfgen.offload import home_device
-    from pfgen.wan.vae_norm import use_fast_rms_norm
+    from pfgen.wan.vae_forward import cheaper_forward
 
     text_device = torch.device(model_cfg.text_encoder_device) if model_cfg.text_encoder_device else \
         home_device(offload, "text_encoder", device)
@@ -44,7 +44,7 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
             transformer.pfgen_loras = merge_loras(state, resolve_model(model_cfg).loras)
             transformer.load_state_dict(state)
         transformer = place(transformer, dit_device, dtype)
-        vae = use_fast_rms_norm(place(tiny_vae(), vae_device, dtype))
+        vae = cheaper_forward(place(tiny_vae(), vae_device, dtype))
         encoder = PromptEncoder(tiny_tokenizer(), place(tiny_text_encoder(), text_device, dtype))
         return transformer, vae, encoder
     from pfgen.hub import resolve_model
@@ -53,7 +53,7 @@ def load_components(model_cfg, device, dtype, offload: str = "none"):
 
     model_cfg = resolve_model(model_cfg)
     transformer = load_transformer(model_cfg, dtype).to(dit_device)
-    vae = use_fast_rms_norm(load_vae(model_cfg.wan_dir, dtype).to(vae_device))
+    vae = cheaper_forward(load_vae(model_cfg.wan_dir, dtype).to(vae_device))
     return transformer, vae, load_prompt_encoder(model_cfg.wan_dir, dtype, text_device)
 
 

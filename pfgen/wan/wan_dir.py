@@ -29,21 +29,6 @@ def load_vae(wan_dir: str | None, dtype: torch.dtype):
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True).eval()
     except (OSError, ValueError) as exc:
         raise PfgenError(f"cannot load the VAE from {path}: {str(exc).splitlines()[0]}") from None
-    return narrow_framewise_convs(vae)
-
-
-def narrow_framewise_convs(vae):
-    """Run every causal convolution whose taps on earlier frames are all zero as the per-frame convolution it
-    is: kernel 1 in time, no temporal padding, no cached frames. The same function at a third of the work.
-    The world model's VAE is built so (scripts/train_world.py); the Wan2.1 VAE has no such kernel."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    for conv in vae.modules():
-        if isinstance(conv, WanCausalConv3d) and conv.kernel_size[0] > 1 and conv.stride[0] == 1 \
-                and not conv.weight[:, :, :-1].any():
-            conv.weight = torch.nn.Parameter(conv.weight[:, :, -1:].contiguous(), requires_grad=False)
-            conv.kernel_size = (1, *conv.kernel_size[1:])
-            conv._padding = (*conv._padding[:4], 0, 0)
     return vae
 
 
