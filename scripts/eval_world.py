@@ -5,6 +5,7 @@
     python scripts/eval_world.py switch --out runs/eval      # --then 5, re-cache or not
     python scripts/eval_world.py speed                        # fps, first-frame latency
     python scripts/eval_world.py vae --out runs/eval         # PSNR; objects kept by the VAE's round trip
+    python scripts/eval_world.py sample --split train --pairs 8   # 2 s videos: does a new model draw its objects?
 
 The shipped weights by default; `--model OUT/world --heads HEADS.json` measures another trained folder.
 `--set KEY=VALUE` changes one config value, e.g. where pyramid places its history:
@@ -153,12 +154,12 @@ def span(track, start_s: float, end_s: float) -> dict:
 def video_row(track, seconds: float, wall: float) -> dict:
     from pfgen.world.score import period_ok
 
-    periods = track.periods()  # scores the frames still buffered, so that `total` counts them
+    track.flush()
     total = len(track.right)
     windows = [track.window(s, s + FPS, FPS) for s in range(0, total - FPS + 1, FPS)]
     return {"prompt": track.scene.prompt, "seconds": seconds, "wall_s": wall, "frames": total,
             "first_10s": span(track, 0, 10), "last_10s": span(track, seconds - 10, seconds),
-            "periods": [{**p, "ok": period_ok(p)} for p in periods],
+            "periods": [{**p, "ok": period_ok(p)} for p in track.periods()],
             "per_second": {k: [w[k] for w in windows] for k in ("world_background", "world_objects",
                                                                    "world_spurious", "world_stability")}}
 
@@ -368,6 +369,26 @@ def cmd_switch(args) -> dict:
     return out
 
 
+def cmd_sample(args) -> dict:
+    """The quick check a newly trained model passes before the long measurements: short videos (2 s, 33 frames)
+    under --policy (default rolling), and per video the shares of frames with the background right and of
+    (frame, object) pairs with a blob of the object's colour and with the object present (colour, area, shape)."""
+    pipe = load(args)
+    policy = args.policy or "rolling"
+    rows = []
+    for prompt, seed in scene_pairs(args.pairs, args.split):
+        track, wall = run_video(pipe, prompt, seed, args.seconds, policy)
+        track.flush()
+        rows.append({"prompt": prompt, "seed": seed, "frames": len(track.right), "wall_s": wall,
+                     "background": float(np.mean(track.right)),
+                     "blob": float(np.mean(~np.isnan(np.stack(track.centres)[..., 0]))),
+                     "present": float(np.mean(np.stack(track.present)))})
+        print(f"{rows[-1]['background']:.2f} {rows[-1]['blob']:.2f} {rows[-1]['present']:.2f} {prompt}",
+              file=sys.stderr, flush=True)
+    return {"policy": policy, "seconds": args.seconds,
+            **{k: bootstrap([r[k] for r in rows]) for k in ("background", "blob", "present")}, "rows": rows}
+
+
 def cmd_speed(args) -> dict:
     """fps of generate on the default config (decode and mp4 included) and the first frame's latency."""
     import tempfile
@@ -400,19 +421,19 @@ def cmd_speed(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("targets", "policies", "switch", "speed", "vae"))
+    parser.add_argument("command", choices=("targets", "policies", "switch", "speed", "vae", "sample"))
     parser.add_argument("--model", type=Path, default=None,
                         help="train_world.py's OUT/world folder (default: the shipped weights)")
     parser.add_argument("--heads", type=Path, default=None, help="with --model: its head-type file (pyramid)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
-                        help="the prompts' split (targets, policies, switch)")
+                        help="the prompts' split (targets, policies, switch, sample)")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="video length (default: 60 for targets and policies, 10 for switch and speed)")
+                        help="video length (default: 60 for targets and policies, 10 for switch and speed, 2 for sample)")
     parser.add_argument("--policy", default=None,
-                        help="targets: the cache policy (default: the config's); policies: a comma list of those to "
-                             "compare (default rolling,pyramid,full)")
+                        help="targets, sample: the cache policy (default: the config's; rolling for sample); policies: "
+                             "a comma list of those to compare (default rolling,pyramid,full)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config value, e.g. cache.pyramid.rope_window=8 (repeatable)")
     parser.add_argument("--at", type=float, default=5.0, help="switch: the switch time (s)")
@@ -421,9 +442,9 @@ def main() -> None:
     parser.add_argument("--videos", type=Path, default=None, help="policies: also write the mp4s and a manifest here")
     args = parser.parse_args()
     if args.seconds is None:
-        args.seconds = 10.0 if args.command in ("switch", "speed") else 60.0
+        args.seconds = {"switch": 10.0, "speed": 10.0, "sample": 2.0}.get(args.command, 60.0)
     result = {"targets": cmd_targets, "policies": cmd_policies, "switch": cmd_switch, "speed": cmd_speed,
-              "vae": cmd_vae}[
+              "vae": cmd_vae, "sample": cmd_sample}[
         args.command](args)
     text = json.dumps(result, indent=1)
     if args.out is not None:

@@ -344,3 +344,41 @@ def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
     flat = eval_world.cmd_vae(args)
     assert all(flat[split][k]["mean"] == 0 for split in ("heldout", "train") for k in ("blob", "shape", "present"))
     assert all(flat[split]["rendered_present"]["mean"] > 0.9 for split in ("heldout", "train"))
+
+
+def test_eval_world_sample_shares_over_frames_and_objects(monkeypatch):
+    """eval_world sample on planted videos: the world's render with every odd frame painted flat in its top-left
+    pixel's colour (a background colour: no object there). Each share equals the scorer's own per-frame figures
+    of those frames, averaged over frames and objects; the flat frames halve the objects, not the background."""
+    import types
+
+    import numpy as np
+
+    from pfgen.world.grammar import parse
+    from pfgen.world.render import WorldVideo
+    from pfgen.world.score import BACKGROUND_OK, WorldTrack, score_frames
+
+    eval_world = load_script("eval_world")
+    planted = {}
+
+    def run_video(pipe, prompt, seed, seconds, policy):
+        assert policy == "rolling" and seconds == 2.0
+        frames = WorldVideo(parse(prompt), seed, 64, 96).frames(0, 33).copy()
+        frames[1::2] = frames[1::2, :1, :1]
+        planted[prompt] = frames
+        track = WorldTrack(parse(prompt))
+        for frame in frames:
+            track.add(frame)
+        return track, 0.5
+
+    monkeypatch.setattr(eval_world, "load", lambda _: None)
+    monkeypatch.setattr(eval_world, "run_video", run_video)
+    out = eval_world.cmd_sample(types.SimpleNamespace(pairs=4, split="train", seconds=2.0, policy=None))
+    assert [r["prompt"] for r in out["rows"]] == [p for p, _ in eval_world.scene_pairs(4, "train")]
+    for row in out["rows"]:
+        scores = score_frames(planted[row["prompt"]], parse(row["prompt"]))
+        assert row["frames"] == 33
+        assert row["background"] == np.mean(scores.background_accuracy >= BACKGROUND_OK) == 1.0
+        assert row["present"] == np.mean(scores.present) <= 17 / 33
+        assert row["blob"] == np.mean(~np.isnan(scores.centres[..., 0])) >= row["present"]
+    assert out["present"]["mean"] > 0.4

@@ -203,9 +203,10 @@ class WorldTrack:
     def add(self, frame: np.ndarray) -> None:
         self.buffer.append(frame)
         if len(self.buffer) >= self.BATCH:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Score the frames still buffered (the per-frame lists then cover every frame added)."""
         if not self.buffer:
             return
         scores = score_frames(np.stack(self.buffer), self.scene)
@@ -219,7 +220,7 @@ class WorldTrack:
     def window(self, start: int, end: int, first_end: int, losses: bool = False) -> dict:
         """World metrics of frames [start, end): shares of frames, mean spurious area, stability against
         the first window [0, first_end); with `losses`, also where the stability went (stability_losses)."""
-        self._flush()
+        self.flush()
         if self.first is None:
             self.first = _mode_classes(np.stack(self.classes[:first_end]))
         present = np.stack(self.present[start:end])
@@ -237,7 +238,7 @@ class WorldTrack:
 
     def periods(self) -> list[dict]:
         """Per object: the measured motion period over the whole video against the grammar's (seconds)."""
-        self._flush()
+        self.flush()
         centres = np.stack(self.centres)
         out = []
         for j, thing in enumerate(self.scene.things):
