@@ -402,6 +402,27 @@ def with_overrides(config: Config, names: dict[str, str] | None = None, **sectio
     return config
 
 
+def with_key(config: Config, key: str, value, where: str) -> Config:
+    """A copy with one nested key replaced (`cache.pyramid.rope_window`), the value held to the rules a config
+    file's value meets (its type, coerced as there, then `validate`)."""
+    def replaced(node, names: list[str], prefix: str):
+        fields_ = [f.name for f in dataclasses.fields(node)]
+        if names[0] not in fields_:
+            raise PfgenError(f"{where}: unknown key '{prefix}{names[0]}'", f"known keys here: {', '.join(fields_)}")
+        hint = typing.get_type_hints(type(node))[names[0]]
+        if len(names) > 1:
+            if not dataclasses.is_dataclass(hint):
+                raise PfgenError(f"{where}: '{prefix}{names[0]}' has no keys below it")
+            new = replaced(getattr(node, names[0]), names[1:], f"{prefix}{names[0]}.")
+        else:
+            new = _coerce(hint, value, where, prefix + names[0])
+        return dataclasses.replace(node, **{names[0]: new})
+
+    config = replaced(config, key.split("."), "")
+    validate(config, where)
+    return config
+
+
 def to_dict(config) -> dict:
     """Plain-data view (for manifests and JSON metadata)."""
     return dataclasses.asdict(config)

@@ -70,32 +70,19 @@ def load(args):
 
 
 def with_settings(cfg, settings: list[str]):
-    """The config with `--set KEY=VALUE` items applied (`cache.pyramid.rope_window=8`; VALUE read as YAML, of
-    the key's type), checked by the config's own rules."""
-    import dataclasses
-
+    """The config with `--set KEY=VALUE` items applied (`cache.pyramid.rope_window=8`; VALUE read as YAML),
+    each held to the rules of a config file's value (pfgen.config.with_key)."""
     import yaml
 
-    from pfgen.config import validate
+    from pfgen.config import with_key
     from pfgen.errors import PfgenError
-
-    def replaced(node, keys, value, item):
-        if not dataclasses.is_dataclass(node) or keys[0] not in {f.name for f in dataclasses.fields(node)}:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE with a config key such as cache.pyramid.rope_window=8")
-        old = getattr(node, keys[0])
-        if len(keys) > 1:
-            value = replaced(old, keys[1:], value, item)
-        elif old is not None and type(value) is not type(old):
-            raise SystemExit(f"--set {item}: the key takes a value of type {type(old).__name__}")
-        return dataclasses.replace(node, **{keys[0]: value})
 
     for item in settings:
         key, _, value = item.partition("=")
-        cfg = replaced(cfg, key.split("."), yaml.safe_load(value), item)
-    try:
-        validate(cfg, "--set")
-    except PfgenError as exc:
-        raise SystemExit(str(exc)) from None
+        try:
+            cfg = with_key(cfg, key, yaml.safe_load(value), f"--set {item}")
+        except PfgenError as exc:
+            raise SystemExit(str(exc)) from None
     return cfg
 
 

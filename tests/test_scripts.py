@@ -296,8 +296,9 @@ def test_eval_world_paired_differences_are_per_pair():
 
 
 def test_eval_world_set_changes_one_config_key_and_checks_it():
-    """`--set KEY=VALUE` replaces that key alone (nested keys included); an unknown key, a value of the wrong type
-    and a value the config's rules refuse each stop with a message naming the item."""
+    """`--set KEY=VALUE` replaces that key alone (nested keys included), coerced as a config file's value is (an
+    int for a float key); an unknown key, a value of the wrong type and a value the config's rules refuse each
+    stop with a message naming the item."""
     import pytest
 
     from pfgen.config import load_config
@@ -308,8 +309,11 @@ def test_eval_world_set_changes_one_config_key_and_checks_it():
     assert (cfg.cache.pyramid.rope_window, cfg.cache.rolling.window) == (8, 9)
     assert cfg.cache.pyramid.anchor == base.cache.pyramid.anchor and cfg.video == base.video
     assert with_settings(base, []) == base
-    for item, says in (("cache.pyramid.nope=3", "config key"), ("cache.pyramid.rope_window=x", "type int"),
-                       ("cache.pyramid=3", "type PyramidConfig"), ("cache.pyramid.rope_window=0", "positive")):
+    shift = with_settings(base, ["sampling.shift=7"]).sampling.shift
+    assert shift == 7.0 and isinstance(shift, float)
+    for item, says in (("cache.pyramid.nope=3", "unknown key 'cache.pyramid.nope'"),
+                       ("cache.pyramid.rope_window=x", "must be int"), ("cache.pyramid=3", "must be a mapping"),
+                       ("cache.rolling.window.x=2", "no keys below"), ("cache.pyramid.rope_window=0", "positive")):
         with pytest.raises(SystemExit, match=says) as stop:
             with_settings(base, [item])
         assert str(stop.value).startswith("--set")
