@@ -386,3 +386,29 @@ def test_eval_world_sample_shares_over_frames_and_objects(monkeypatch):
         assert row["present"] == np.mean(scores.present) <= 17 / 33
         assert row["blob"] == np.mean(~np.isnan(scores.centres[..., 0])) >= row["present"]
     assert out["present"]["mean"] > 0.4
+
+
+def test_world_frames_tiles_every_nth_frame_in_rows(tmp_path, monkeypatch):
+    """Two planted mp4s of flat grey frames (frame n at level 8 n, and 255 - 8 n): one row each, frames 0, 4
+    and 8 (every 0.25 s at 16 fps, three of them) left to right, each scaled 1.5x."""
+    import numpy as np
+    from PIL import Image
+
+    from pfgen.video import Mp4Writer
+
+    world_frames = load_script("world_frames")
+    videos = []
+    for name, level in (("up", lambda n: 8 * n), ("down", lambda n: 255 - 8 * n)):
+        path = tmp_path / f"{name}.mp4"
+        with Mp4Writer(path, 32, 16, 16) as writer:
+            writer.write(np.stack([np.full((16, 32, 3), level(n), np.uint8) for n in range(20)]))
+        videos.append(path)
+    monkeypatch.setattr(sys, "argv", ["world_frames", *map(str, videos), "--every", "0.25", "--count", "3",
+                                      "-o", str(tmp_path / "f.png")])
+    world_frames.main()
+    image = np.asarray(Image.open(tmp_path / "f.png").convert("L"), dtype=np.float64)
+    assert image.shape == (48, 144)
+    for r, level in enumerate((lambda n: 8 * n, lambda n: 255 - 8 * n)):
+        for c, n in enumerate((0, 4, 8)):
+            tile = image[24 * r + 4:24 * r + 20, 48 * c + 4:48 * c + 44]
+            assert abs(tile.mean() - level(n)) < 4, (r, c, tile.mean())
