@@ -319,7 +319,7 @@ def switch_pairs(count: int, split: str) -> list[tuple[str, str, int]]:
 def switch_row(track_new, track_old, at_s: float, width: int) -> dict:
     """When the first object shows the new colour after the switch, and how far its centre jumped from the
     old-colour object's centre in the last frame before the switch."""
-    track_new.window(0, 1, 1), track_old.window(0, 1, 1)  # flush the scored frames
+    track_new.flush(), track_old.flush()
     start = int(at_s * FPS)
     present = np.array(track_new.present)[:, 0]
     centres_new = np.stack(track_new.centres)[:, 0]
