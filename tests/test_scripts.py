@@ -412,3 +412,35 @@ def test_world_frames_tiles_every_nth_frame_in_rows(tmp_path, monkeypatch):
         for c, n in enumerate((0, 4, 8)):
             tile = image[24 * r + 4:24 * r + 20, 48 * c + 4:48 * c + 44]
             assert abs(tile.mean() - level(n)) < 4, (r, c, tile.mean())
+
+
+def test_eval_world_switch_row_times_the_new_colour_and_the_jump():
+    """A planted switch at 1 s: a red ball resting, 8 more red frames, then a blue ball resting elsewhere. The new
+    colour shows 0.5 s after the switch, and the jump is the distance between the two balls' centres (the
+    centroids of their exact palette colours); a video that never shows it has no time and no jump."""
+    import numpy as np
+
+    from pfgen.world.grammar import parse
+    from pfgen.world.render import WorldVideo
+    from pfgen.world.score import WorldTrack
+
+    switch_row = load_script("eval_world").switch_row
+    old, new = "a red ball resting on a navy background", "a blue ball resting on a navy background"
+    red, blue = (WorldVideo(parse(p), 3, 64, 96).frames(0, 40) for p in (old, new))
+
+    def row(frames):
+        tracks = WorldTrack(parse(new)), WorldTrack(parse(old))
+        for frame in frames:
+            for track in tracks:
+                track.add(frame)
+        return switch_row(*tracks, at_s=1.0, width=96)
+
+    def centre(frame, colour):
+        ys, xs = np.nonzero((frame == colour).all(-1))
+        return np.array([xs.mean(), ys.mean()])
+
+    jump = np.hypot(*(centre(blue[24], (40, 90, 230)) - centre(red[15], (230, 40, 40)))) / 96
+    switched = row(np.concatenate([red[:24], blue[24:]]))
+    assert switched["changed_after_s"] == 0.5 and jump > 0.1
+    assert abs(switched["jump_share_of_width"] - jump) < 1 / 96
+    assert row(red) == {"changed_after_s": None, "jump_share_of_width": None}
