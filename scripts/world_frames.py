@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pfgen.errors import PfgenError
 from pfgen.evaluate.videos import read_video
 from pfgen.plots import save_png
 
@@ -33,7 +34,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    rows = [row(path, args.every, args.count, args.scale) for path in args.videos]
+    try:
+        rows = [row(path, args.every, args.count, args.scale) for path in args.videos]
+    except PfgenError as exc:
+        raise SystemExit(f"error: {exc}") from None
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     save_png(Image.fromarray(np.concatenate(rows, axis=0)), args.output)
