@@ -342,14 +342,16 @@ def build(cls, data, where: str, prefix: str = ""):
     if not isinstance(data, dict):
         raise PfgenError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
-        if key not in names:
-            raise PfgenError(
-                f"{where}: unknown key '{prefix}{key}'", f"known keys here: {', '.join(names)}"
-            )
+        _check_key(cls, key, where, prefix)
     values = {key: _coerce(hints[key], value, where, f"{prefix}{key}") for key, value in data.items()}
     return cls(**values)
+
+
+def _check_key(cls, key: str, where: str, prefix: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        raise PfgenError(f"{where}: unknown key '{prefix}{key}'", f"known keys here: {', '.join(names)}")
 
 
 def _coerce(hint, value, where: str, key: str):
@@ -406,9 +408,7 @@ def with_key(config: Config, key: str, value, where: str) -> Config:
     """A copy with one nested key replaced (`cache.pyramid.rope_window`), the value held to the rules a config
     file's value meets (its type, coerced as there, then `validate`)."""
     def replaced(node, names: list[str], prefix: str):
-        fields_ = [f.name for f in dataclasses.fields(node)]
-        if names[0] not in fields_:
-            raise PfgenError(f"{where}: unknown key '{prefix}{names[0]}'", f"known keys here: {', '.join(fields_)}")
+        _check_key(type(node), names[0], where, prefix)
         hint = typing.get_type_hints(type(node))[names[0]]
         if len(names) > 1:
             if not dataclasses.is_dataclass(hint):
