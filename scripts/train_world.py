@@ -1,6 +1,6 @@
 """Train the world model from scratch on 2 CPU cores: VAE, then latents, then DiT + text encoder.
 
-    python scripts/train_world.py --out runs/world            # the shipped weights, ~160 min (resumable)
+    python scripts/train_world.py --out runs/world            # the shipped weights, ~180 min (resumable)
     python scripts/train_world.py --out /tmp/w --smoke        # every stage for a few steps (CI)
 
 Stages, each resumable from checkpoints written every few minutes into --out:
@@ -107,6 +107,7 @@ class Run:
         self.window_steps = 4 if args.smoke else args.window_steps
         self.window_batch = 2 if args.smoke else WINDOW_BATCH
         self.log_path = self.out / "log.jsonl"
+        self.seconds: dict[str, float] = {}  # each stage's time across resumes, for the closing log line
         self.vae_config, self.transformer_config = ARCHITECTURES[args.vae_space]
 
     def log(self, **row) -> None:
@@ -132,6 +133,16 @@ def world_clip(rng, frames: int, held_out: bool = False) -> tuple[np.ndarray, st
 def on_objects(world: WorldVideo, video: np.ndarray) -> np.ndarray:
     """(T, H, W) bool: the pixels of a rendered (T, H, W, 3) video that differ from its background."""
     return np.abs(video.astype(np.float32) - world.background).max(-1) > 8.0
+
+
+class StageClock:
+    """A stage's time across resumes: the seconds its checkpoint carried plus this process's."""
+
+    def __init__(self, carried: float = 0.0):
+        self.carried, self.since = carried, time.time()
+
+    def __call__(self) -> float:
+        return self.carried + time.time() - self.since
 
 
 def save_checkpoint(path: Path, **state) -> None:
@@ -340,7 +351,9 @@ def train_vae(run: Run):
     torch.manual_seed(run.seed)
     vae = make_framewise(init_vae(AutoencoderKLWan(**run.vae_config)))
     if final.exists():
-        vae.load_state_dict(torch.load(final)["vae"])
+        data = torch.load(final)
+        vae.load_state_dict(data["vae"])
+        run.seconds["vae"] = data["seconds"]
         return vae.eval()
 
     def optimiser():
@@ -358,7 +371,7 @@ def train_vae(run: Run):
     opt = optimiser()
     if state is not None:
         opt.load_state_dict(state["opt"])
-    last = time.time()
+    clock, last = StageClock(state["seconds"] if state else 0.0), time.time()
     while step < decoder_from + run.decoder_steps:
         if step in vae_phase_starts(run):
             if step == decoder_from:
@@ -387,11 +400,12 @@ def train_vae(run: Run):
             run.log(stage="vae", step=step, **vae_heldout(vae.eval(), run))
             vae.train()
         if time.time() - last > CHECKPOINT_SECONDS:
-            save_checkpoint(ckpt, vae=vae.state_dict(), opt=opt.state_dict(), step=step)
+            save_checkpoint(ckpt, vae=vae.state_dict(), opt=opt.state_dict(), step=step, seconds=clock())
             last = time.time()
     vae.eval()
     run.log(stage="vae", step=step, **vae_heldout(vae, run, 2 if run.smoke else 8))
-    save_checkpoint(final, vae=vae.state_dict())
+    run.seconds["vae"] = clock()
+    save_checkpoint(final, vae=vae.state_dict(), seconds=run.seconds["vae"])
     ckpt.unlink(missing_ok=True)
     return vae
 
@@ -404,7 +418,9 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
     path = run.out / "latents.pt"
     if path.exists():
         data = torch.load(path)
+        run.seconds["latents"] = data["seconds"]
         return data["latents"], data["prompts"]
+    clock = StageClock()
     frames = video_frames_for(run.clip_latents)
     latents, prompts = [], []
     for i in range(run.pool):
@@ -413,7 +429,8 @@ def encode_pool(vae, run: Run) -> tuple[torch.Tensor, list[str]]:
         prompts.append(prompt)
         if (i + 1) % 100 == 0:
             run.log(stage="latents", clips=i + 1)
-    data = {"latents": torch.stack(latents), "prompts": prompts}
+    run.seconds["latents"] = clock()
+    data = {"latents": torch.stack(latents), "prompts": prompts, "seconds": run.seconds["latents"]}
     save_checkpoint(path, **data)
     return data["latents"], prompts
 
@@ -674,12 +691,12 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
 
     opt, ema = optimiser(), [p.detach().clone() for p in params]
-    step, ckpt, last = 0, run.out / "ckpt-dit.pt", time.time()
+    step, ckpt, last, clock = 0, run.out / "ckpt-dit.pt", time.time(), StageClock()
     if ckpt.exists():
         state = torch.load(ckpt)
         transformer.load_state_dict(state["transformer"]), text.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
-        ema, step = state["ema"], state["step"]
+        ema, step, clock = state["ema"], state["step"], StageClock(state["seconds"])
     transformer.train(), text.train()
     window_from = run.text_steps + run.dit_steps
     while step < window_from + run.window_steps:
@@ -713,12 +730,13 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
             run.log(stage="dit", step=step, **probe(transformer, text, tokenizer))
         if time.time() - last > CHECKPOINT_SECONDS:
             save_checkpoint(ckpt, transformer=transformer.state_dict(), text=text.state_dict(),
-                            opt=opt.state_dict(), ema=ema, step=step)
+                            opt=opt.state_dict(), ema=ema, step=step, seconds=clock())
             last = time.time()
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     run.log(stage="dit", step=step, ema=True, **probe(transformer, text, tokenizer))
+    run.seconds["dit"] = clock()
     return transformer.eval(), text.eval(), tokenizer
 
 
@@ -756,7 +774,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recolour-steps", type=int, default=800, help="VAE steps on recoloured clips, after --vae-steps")
     parser.add_argument("--object-steps", type=int, default=0,
                         help=f"VAE steps with object pixels weighted {OBJECT_WEIGHT:g}x, after --recolour-steps")
-    parser.add_argument("--crop-steps", type=int, default=5000,
+    parser.add_argument("--crop-steps", type=int, default=8000,
                         help=f"VAE steps on {CROP}x{CROP} crops centred on an object, after --object-steps")
     parser.add_argument("--decoder-steps", type=int, default=1000,
                         help="VAE steps on the decoder alone (encoder frozen), after --crop-steps")
@@ -774,7 +792,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     run = Run(args)
     run.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     vae = train_vae(run).requires_grad_(False)
     raw, prompts = encode_pool(vae, run)
     mean, std = latent_statistics(raw)
@@ -783,7 +800,9 @@ def main(argv=None) -> None:
     pool = (raw - stats[0]) / stats[1]
     transformer, text, tokenizer = train_dit(run, pool, prompts, lambda *model: dit_probe(*model, vae, *stats, run))
     folder = export(run, vae, transformer, text, tokenizer, mean, std)
-    run.log(stage="done", folder=str(folder), minutes=round((time.time() - started) / 60, 1))
+    # The stages' time summed across resumes (a resumed run's last process alone would under-report it).
+    run.log(stage="done", folder=str(folder), minutes=round(sum(run.seconds.values()) / 60, 1),
+            stage_seconds={stage: round(seconds, 1) for stage, seconds in run.seconds.items()})
 
 
 if __name__ == "__main__":

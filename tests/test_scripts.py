@@ -58,16 +58,30 @@ def test_bench_profile_tiny(tmp_path):
     assert report["latent_frames"] == 12 and report["plain_s"] > 0 and report["capture_s"] > 0
 
 
+def done_line(out) -> dict:
+    return [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if row["stage"] == "done"][-1]
+
+
 @pytest.mark.parametrize("space", [8, 4])
 def test_train_world_smoke_runs_every_stage_and_its_folder_generates(tmp_path, space):
     """scripts/train_world.py --smoke: VAE, latents, DiT, export; the folder loads through the real-weights path
     (the shipped architecture, and the variant with a 4x VAE and a 4x4 patch)."""
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(SCRIPTS / "train_world.py"), "--out", str(out), "--smoke",
-                             "--vae-space", str(space), "--threads", "1"], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(SCRIPTS / "train_world.py"), "--out", str(out), "--smoke", "--vae-space", str(space),
+               "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     stages = {json.loads(line)["stage"] for line in (out / "log.jsonl").read_text().splitlines()}
     assert stages == {"vae", "dit", "done"}
+    if space == 8:  # run again: the finished VAE and latent stages load, and their recorded time is carried over
+        first = done_line(out)
+        again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        second = done_line(out)
+        assert {k: second["stage_seconds"][k] for k in ("vae", "latents")} == \
+            {k: first["stage_seconds"][k] for k in ("vae", "latents")}
+        assert first["stage_seconds"]["vae"] > 0 and second["stage_seconds"]["dit"] > 0
+        assert second["minutes"] == round(sum(second["stage_seconds"].values()) / 60, 1)
     folder = out / "world"
     video = tmp_path / "smoke.mp4"
     result = subprocess.run([sys.executable, "-m", "pfgen", "generate", "--checkpoint", str(folder / "transformer"),
