@@ -82,7 +82,7 @@ def with_settings(cfg, settings: list[str]):
         try:
             cfg = with_key(cfg, key, yaml.safe_load(value), f"--set {item}")
         except PfgenError as exc:
-            raise SystemExit(str(exc)) from None
+            raise SystemExit(f"error: {exc}") from None
     return cfg
 
 
@@ -230,7 +230,7 @@ def cmd_vae(args) -> dict:
             wanted = np.array([[t.shape for t in scene.things]] * len(back))
             shapes = np.array(got.shapes, dtype=object)
             counts["rendered_present"].append(truth.present.mean())
-            counts["blob"].append(np.mean(shapes != None))  # noqa: E711 (elementwise)
+            counts["blob"].append(got.found.mean())
             counts["shape"].append(np.mean(shapes == wanted))
             counts["present"].append(got.present.mean())
         out[split] = {k: bootstrap(v) for k, v in counts.items()}
@@ -274,10 +274,10 @@ def cmd_targets(args) -> dict:
 
 def cmd_policies(args) -> dict:
     if args.model is not None and args.heads is None:
-        raise SystemExit("policies needs --heads with --model (the model's head-type file, from pfgen profile-heads)")
+        raise SystemExit("error: policies needs --heads with --model (the model's head-type file, from pfgen profile-heads)")
     policies = (args.policy or "rolling,pyramid,full").split(",")
     if not set(policies) <= {"rolling", "pyramid", "full"}:
-        raise SystemExit(f"--policy {args.policy}: expected a comma list of rolling, pyramid and full")
+        raise SystemExit(f"error: --policy {args.policy}: expected a comma list of rolling, pyramid and full")
     pipe = load(args)
     out = {"seconds": args.seconds, "policies": {}}
     manifest = []
@@ -368,7 +368,7 @@ def cmd_sample(args) -> dict:
         track.flush()
         rows.append({"prompt": prompt, "seed": seed, "frames": len(track.right), "wall_s": wall,
                      "background": float(np.mean(track.right)),
-                     "blob": float(np.mean(~np.isnan(np.stack(track.centres)[..., 0]))),
+                     "blob": float(np.mean(np.stack(track.found))),
                      "present": float(np.mean(np.stack(track.present)))})
         print(f"{rows[-1]['background']:.2f} {rows[-1]['blob']:.2f} {rows[-1]['present']:.2f} {prompt}",
               file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ would show the 8x8 VAE blocks; bilinear is what a player shows)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,10 @@ from pfgen.plots import save_png
 def row(path: Path, every_s: float, count: int, scale: float) -> np.ndarray:
     meta, frames = read_video(path)
     step = round(every_s * meta.fps)
-    picked = [frame for n, frame in enumerate(frames) if n % step == 0 and n // step < count]
+    try:  # decode up to the last picked frame only
+        picked = [frame for n, frame in enumerate(itertools.islice(frames, (count - 1) * step + 1)) if n % step == 0]
+    finally:
+        frames.close()
     size = (round(meta.width * scale), round(meta.height * scale))
     return np.concatenate([np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in picked], axis=1)
 

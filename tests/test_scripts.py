@@ -330,7 +330,7 @@ def test_eval_world_set_changes_one_config_key_and_checks_it():
                        ("cache.rolling.window.x=2", "no keys below"), ("cache.pyramid.rope_window=0", "positive")):
         with pytest.raises(SystemExit, match=says) as stop:
             with_settings(base, [item])
-        assert str(stop.value).startswith("--set")
+        assert str(stop.value).startswith("error: --set")
 
 
 def test_eval_world_vae_counts_what_survives_the_round_trip(monkeypatch):
