@@ -74,7 +74,8 @@ FRAMES_PER_CHUNK = 3
 CLIP_LATENTS = 27  # 9 chunks: longer than the 21-frame window, so training sees the rolling cache evict
 CHECKPOINT_SECONDS = 300
 TARGET_CHUNKS = 5  # noisy chunks per clip and step on whole clips (each costs a chunk of tokens)
-WINDOW = 9  # latent frames (3 chunks) of the window phase's samples: ~1/3 of a whole clip's tokens
+WINDOW = 9  # latent frames (3 chunks) of the window phase's samples (--window): ~1/3 of a whole clip's tokens
+PROBE_LATENTS = 9  # dit_probe's clips
 WINDOW_BATCH = 4
 # After the prompt phase, FIRST_CHUNK_SHARE[0] of every FIRST_CHUNK_SHARE[1] steps train the first chunk alone
 # (batch 16): that chunk is where objects must appear from pure noise, and a first-chunk sample costs ~1/12 of a
@@ -106,6 +107,7 @@ class Run:
         self.dit_batch = 2 if args.smoke else args.dit_batch
         self.window_steps = 4 if args.smoke else args.window_steps
         self.window_batch = 2 if args.smoke else WINDOW_BATCH
+        self.window = min(args.window, self.clip_latents)
         self.log_path = self.out / "log.jsonl"
         self.seconds: dict[str, float] = {}  # each stage's time across resumes, for the closing log line
         self.vae_config, self.transformer_config = ARCHITECTURES[args.vae_space]
@@ -616,7 +618,7 @@ def dit_probe(transformer, text, tokenizer, vae, mean, std, run: Run, clips: int
     transformer.eval(), text.eval()  # the umT5 encoder has dropout
     rng, latents, prompts = run.rng(4, 0), [], []
     while len(prompts) < (2 if run.smoke else clips):
-        clip, prompt, _ = world_clip(rng, video_frames_for(WINDOW))
+        clip, prompt, _ = world_clip(rng, video_frames_for(PROBE_LATENTS))
         if " and " not in prompt:
             latents.append(vae.encode(torch.from_numpy(clip)[None]).latent_dist.mode()[0])
             prompts.append(prompt)
@@ -713,7 +715,7 @@ def train_dit(run: Run, pool: torch.Tensor, prompts: list[str], probe):
         if first:
             loss = first_chunk_loss(transformer, text, tokenizer, *chosen)
         else:
-            loss = dit_loss(transformer, text, tokenizer, *chosen, window=WINDOW if windowed else None)
+            loss = dit_loss(transformer, text, tokenizer, *chosen, window=run.window if windowed else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -784,11 +786,16 @@ def main(argv=None) -> None:
                         help="DiT steps on whole clips, after --text-steps (the shipped run had none)")
     parser.add_argument("--dit-batch", type=int, default=2)
     parser.add_argument("--window-steps", type=int, default=30000,
-                        help=f"DiT steps on {WINDOW}-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
+                        help=f"DiT steps on --window-latent-frame windows (batch {WINDOW_BATCH}), after --dit-steps")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help=f"latent frames of the window phase's samples, a multiple of {FRAMES_PER_CHUNK} from "
+                             f"{2 * FRAMES_PER_CHUNK} to the clips' {CLIP_LATENTS} (training shows no history older than it)")
     parser.add_argument("--vae-space", type=int, choices=sorted(ARCHITECTURES), default=8,
                         help="the VAE's spatial compression: 8 (the shipped model) or 4 (with a 4x4 DiT patch)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.window % FRAMES_PER_CHUNK or not 2 * FRAMES_PER_CHUNK <= args.window <= CLIP_LATENTS:
+        parser.error(f"--window {args.window}: give a multiple of {FRAMES_PER_CHUNK} from {2 * FRAMES_PER_CHUNK} to {CLIP_LATENTS}")
     torch.set_num_threads(args.threads)
     run = Run(args)
     run.out.mkdir(parents=True, exist_ok=True)

@@ -164,7 +164,7 @@ def test_train_world_decoder_phase_keeps_the_latent_space(tmp_path, monkeypatch)
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=1, object_steps=1,
                                  decoder_steps=2, crop_steps=2, pool=1, text_steps=1, dit_steps=1, dit_batch=1,
-                                 window_steps=1, vae_space=8)
+                                 window_steps=1, window=9, vae_space=8)
     at_freeze = {}
 
     def freeze(vae):
@@ -193,7 +193,7 @@ def test_train_world_crops_hold_the_objects(tmp_path):
 
     args = types.SimpleNamespace(out=tmp_path, seed=0, smoke=False, vae_steps=1, recolour_steps=0, object_steps=0,
                                  crop_steps=10, decoder_steps=1, pool=1, text_steps=1, dit_steps=0, dit_batch=1,
-                                 window_steps=1, vae_space=8)
+                                 window_steps=1, window=9, vae_space=8)
     run = train_world.Run(args)
     _, _, crops_from, decoder_from = train_world.vae_phase_starts(run)
     for whole in (crops_from - 1, decoder_from):
@@ -458,3 +458,28 @@ def test_eval_world_switch_row_times_the_new_colour_and_the_jump():
     assert switched["changed_after_s"] == 0.5 and jump > 0.1
     assert abs(switched["jump_share_of_width"] - jump) < 1 / 96
     assert row(red) == {"changed_after_s": None, "jump_share_of_width": None}
+
+
+def test_train_world_window_sets_how_much_history_training_shows(tmp_path, monkeypatch):
+    """--window W: a window-phase sample is W latent frames of its clip, every chunk a target (so the oldest
+    history a chunk reads is W - 3 frames back); a W that is not a whole number of chunks, or longer than the
+    clips, is refused before anything runs."""
+    import numpy as np
+    import pytest
+    import torch
+    from transformers import ByT5Tokenizer
+
+    train_world = load_script("train_world")
+    seen, real = [], train_world.rolling_mask
+    monkeypatch.setattr(train_world, "rolling_mask",
+                        lambda frames, targets, tokens: seen.append((frames, targets.tolist())) or real(frames, targets, tokens))
+    transformer, text = train_world.build_dit(train_world.ARCHITECTURES[8][1])
+    train_world.training_attention(transformer)
+    latents = torch.randn(1, 16, train_world.CLIP_LATENTS, 8, 12)
+    loss = train_world.dit_loss(transformer, text, ByT5Tokenizer(), latents, ["a red ball resting on a navy background"],
+                                np.random.default_rng(0), window=15)
+    assert torch.isfinite(loss) and seen == [(15, list(range(15)))]
+    for bad in ("10", "30", "3"):
+        with pytest.raises(SystemExit):
+            train_world.main(["--out", str(tmp_path / "run"), "--window", bad])
+    assert not (tmp_path / "run").exists()
