@@ -31,7 +31,7 @@ Stages, each resumable from checkpoints written every few minutes into --out:
             at 8x, the first chunk became object colours smeared over the whole frame.) After the prompt
             phase three steps in four are first-chunk steps. Whole clips (--dit-steps) are off by default:
             the shipped run went from the prompt phase to windows. Last, the window phase: 9-latent-frame windows
-            at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
+            (--window) at batch 4, every chunk a target (a third of a whole clip's tokens per sample; after 6000 steps
             on whole clips the model still lost the objects, from the first chunk and from clean history
             alike). dit_probe logs how often the objects come out of pure noise, with and without history,
             every 1000 steps and at the end. The cross-attention runs over the prompts' tokens and one zero
