@@ -360,6 +360,8 @@ def cmd_sample(args) -> dict:
     """The quick check a newly trained model passes before the long measurements: short videos (2 s, 33 frames)
     under --policy (default rolling), and per video the shares of frames with the background right and of
     (frame, object) pairs with a blob of the object's colour and with the object present (colour, area, shape)."""
+    from pfgen.world.score import blobs_found
+
     pipe = load(args)
     policy = args.policy or "rolling"
     rows = []
@@ -368,7 +370,7 @@ def cmd_sample(args) -> dict:
         track.flush()
         rows.append({"prompt": prompt, "seed": seed, "frames": len(track.right), "wall_s": wall,
                      "background": float(np.mean(track.right)),
-                     "blob": float(np.mean(np.stack(track.found))),
+                     "blob": float(np.mean(blobs_found(np.stack(track.centres)))),
                      "present": float(np.mean(np.stack(track.present)))})
         print(f"{rows[-1]['background']:.2f} {rows[-1]['blob']:.2f} {rows[-1]['present']:.2f} {prompt}",
               file=sys.stderr, flush=True)

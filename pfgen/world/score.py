@@ -92,15 +92,24 @@ def _blob(mask: np.ndarray, reach: float):
     return len(ys), len(ys) / box, (xs.mean() + 0.5 + shift) % width, ys.mean() + 0.5
 
 
+def blobs_found(centres: np.ndarray) -> np.ndarray:
+    """(..., objects) bool from (..., objects, 2) centres: a blob of the object's colour was found, whatever its
+    area and shape (its centre is NaN where none was)."""
+    return ~np.isnan(centres[..., 0])
+
+
 @dataclass
 class FrameScores:
     background_accuracy: np.ndarray  # (F,)
     present: np.ndarray  # (F, objects) bool
-    found: np.ndarray  # (F, objects) bool: a blob of the object's colour, whatever its area and shape
     shapes: list[list[str | None]]  # per frame, per object: the measured shape class
     spurious: np.ndarray  # (F,)
     centres: np.ndarray  # (F, objects, 2) x, y in pixels; NaN where absent
     classes: np.ndarray  # (F, H, W) palette indices
+
+    @property
+    def found(self) -> np.ndarray:
+        return blobs_found(self.centres)
 
 
 def score_frames(frames: np.ndarray, scene: Scene) -> FrameScores:
@@ -117,7 +126,6 @@ def score_frames(frames: np.ndarray, scene: Scene) -> FrameScores:
     on_background = np.isin(classes, background_ids) & not_object
     background = on_background.sum(axis=(1, 2)) / np.maximum(not_object.sum(axis=(1, 2)), 1)
     present = np.zeros((count, len(scene.things)), dtype=bool)
-    found = np.zeros_like(present)
     centres = np.full((count, len(scene.things), 2), np.nan)
     shapes: list[list[str | None]] = [[None] * len(scene.things) for _ in range(count)]
     reach = 2.0 * SIZE_RANGE[1] * height
@@ -128,11 +136,10 @@ def score_frames(frames: np.ndarray, scene: Scene) -> FrameScores:
             if blob is None:
                 continue
             area, fill, x, y = blob
-            found[f, j] = True
             centres[f, j] = (x, y)
             shapes[f][j] = shape_of(fill)
             present[f, j] = low <= area <= high and shapes[f][j] == thing.shape
-    return FrameScores(background, present, found, shapes, spurious, centres, classes)
+    return FrameScores(background, present, shapes, spurious, centres, classes)
 
 
 def measured_period(track: np.ndarray, longest: int = 80) -> float | None:
@@ -198,7 +205,6 @@ class WorldTrack:
         self.buffer: list[np.ndarray] = []
         self.right: list[bool] = []
         self.present: list[np.ndarray] = []
-        self.found: list[np.ndarray] = []
         self.spurious: list[float] = []
         self.centres: list[np.ndarray] = []
         self.classes: list[np.ndarray] = []  # int8 class maps (the world's videos are small)
@@ -217,7 +223,6 @@ class WorldTrack:
         self.buffer = []
         self.right += list(scores.background_accuracy >= BACKGROUND_OK)
         self.present += list(scores.present)
-        self.found += list(scores.found)
         self.spurious += list(scores.spurious)
         self.centres += list(scores.centres)
         self.classes += list(scores.classes.astype(np.int8))
